@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv, install, and run.
+#   PYTHON=python3.11        interpreter used to create the venv
+#   TORCH_SPEC='torch==X'    torch to install when the venv has none (default: the CPU build 2.13.0)
+#   USE_SYSTEM_TORCH=1       let the venv see the interpreter's own site-packages (bring your own torch/CUDA)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+VENV_FLAGS := $(if $(filter 1,$(USE_SYSTEM_TORCH)),--system-site-packages,)
+
+.PHONY: venv test demo check-cuda clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest tests -q
+
+check-cuda:
+	bash tools/check_cuda.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
