@@ -1,0 +1,38 @@
+"""Diff-Instruct: instruct any differentiable generator with a diffusion teacher (IKL and relatives).
+
+How `refine.py` and `distill.py` use it::
+
+    import copy, ikl
+    adapter = ikl.OneStepStudentAdapter.from_teacher(teacher, sigma_init=1.0)   # or a StyleGAN2 adapter
+    fake = copy.deepcopy(teacher)                                                # the fake score starts as the teacher
+    opts = ikl.TrainingOptions(batch=128, total_kimg=5000, g_lr=1e-5, fake_lr=1e-5)   # or a dict of the same names
+    ikl.train(adapter, teacher, fake, opts, run_dir, device=device, resume='auto')
+
+- `adapter`: an `ikl.GeneratorAdapter` (`sample(n, generator) -> (images, labels)` with gradient, `parameters()`,
+  `export()`); `teacher`/`fake`: modules with the Teacher interface `D(x, sigma, class_labels) -> x0_hat`.
+- `TrainingOptions` (a dataclass, JSON-serialisable via `to_dict()`, built from a dict with `from_dict()` which
+  rejects unknown names): batch/batch_gpu, divergence (`ikl`, `sds`, `sid`), sigma law (`lognormal`, `karras`,
+  `fixed`) and weighting (`denoiser`, `score`), normalisation, fake-score steps and lr, Adam betas, warm-up, EMA
+  half-life and ramp-up, schedule (`reuse` | `official`), precision (`fp32`, `bf16`, `fp16` with dynamic loss
+  scaling), seed, tick/snapshot/image intervals. Defaults are the official Diff-Instruct settings.
+- Run directory: `network-snapshot-{kimg:06d}.pkl` (by default the EMA adapter's `export()` plus `fake_score`;
+  pass `snapshot_fn(adapter, ema, fake_score) -> dict` to choose), `training-state-{kimg:06d}.pt` (everything for
+  exact resume), `stats.jsonl`, `ikl_options.json`, preview PNGs `fakes*.png`, TensorBoard events if installed.
+  All files are written atomically by rank 0.
+- Distributed: launch with `torchrun`, call `torch_utils.distributed.init()` first; gradients are all-reduced
+  by the engine (no DDP wrapper needed, so any adapter works), `batch` is global.
+- `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
+
+Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),
+`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `engine`, `images`, `toy` (MLP nets).
+"""
+
+from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
+from .divergences import IKL, SDS, Divergence, SiD, edm_dsm_loss, make_divergence
+from .engine import LossScaler, Trainer, TrainingOptions, default_snapshot, latest_training_state, train
+from .sigmas import Fixed, Karras, LogNormal, implied_weight, make_sigma_distribution
+
+__all__ = ['GeneratorAdapter', 'ModuleAdapter', 'OneStepStudentAdapter', 'IKL', 'SDS', 'SiD', 'Divergence',
+           'edm_dsm_loss', 'make_divergence', 'LossScaler', 'Trainer', 'TrainingOptions', 'default_snapshot',
+           'latest_training_state', 'train', 'Fixed', 'Karras', 'LogNormal', 'implied_weight',
+           'make_sigma_distribution']

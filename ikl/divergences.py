@@ -1,0 +1,161 @@
+"""Divergences: the generator's surrogate loss given its samples, the teacher and the fake score.
+
+**The IKL gradient and its two forms.** With x_t = x0 + sigma * n and x0 = g_theta(z), the paper's eq. 3.2 is
+
+    Grad(theta) = E_sigma E_{z, n} [ w'(sigma) * (s_fake(x_t) - s_teacher(x_t))^T dx_t/dtheta ],
+
+and under EDM noising dx_t/dtheta = dx0/dtheta. The score of an x0-predicting denoiser is s(x) = (D(x) - x) / sigma^2,
+so s_fake - s_teacher = (D_fake - D_teacher) / sigma^2: the x_t terms cancel. The official code's surrogate
+sum((D_fake - D_teacher) * x0), with both networks under no-grad, has d/dx0 = D_fake - D_teacher; it is therefore
+eq. 3.2 with w'(sigma) = sigma^2 (`weighting='denoiser'`). We write lam(sigma) * (D_fake - D_teacher) for any
+weighting (see `ikl.sigmas`). Because E_{x_t ~ q}[d/dtheta log q_theta(x_t)] = 0, the same expectation is the
+theta-gradient of E_sigma[lam(sigma) sigma^2 KL(q_sigma || p_sigma)], which is what the tests check in closed form.
+
+Each divergence returns a per-sample loss `[N]` whose x0-gradient is the wanted update direction; the engine sums
+it, divides by the global batch and backpropagates into the generator. The teacher and the fake score get inputs
+detached from x0 and run without autograd (IKL, SDS) or with autograd through their inputs only (SiD).
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from torch_utils import training_stats
+
+from .sigmas import SigmaDistribution, get_weighting
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` on `device` (a no-op context for None, i.e. full float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N, 1, ..., 1] broadcastable against `like` (teachers accept this for [N, D] and NCHW data)."""
+    return sigma.reshape([-1] + [1] * (like.ndim - 1))
+
+
+@contextlib.contextmanager
+def _frozen(*modules: torch.nn.Module):
+    """Stop parameter gradients of `modules` for a while, so autograd through their inputs leaves them untouched."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Divergence:
+    """Base: draws sigma and noise for generator samples and turns network outputs into a surrogate loss."""
+
+    needs_fake_score = True
+
+    def __init__(self, sigma: SigmaDistribution, weighting: str = 'denoiser', normalize: bool = False,
+                 amp_dtype: Optional[torch.dtype] = None):
+        self.sigma = sigma
+        self.weighting = get_weighting(weighting)
+        self.normalize = normalize
+        self.amp_dtype = amp_dtype
+
+    def _noisy(self, x0: torch.Tensor, generator: torch.Generator):
+        sigma = _per_sample(self.sigma.sample(x0.shape[0], generator, x0.device), x0)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        return sigma, noise
+
+    @staticmethod
+    def _sum(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).sum(1)
+
+    def generator_loss(self, x0: torch.Tensor, labels: Optional[torch.Tensor], teacher: torch.nn.Module,
+                       fake_score: Optional[torch.nn.Module], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class IKL(Divergence):
+    """Diff-Instruct: lam(sigma) * (D_fake(x_t) - D_teacher(x_t)) applied to x0, optionally normalised per sample
+    by mean|x0 - D_teacher| (DMD-style; then it is no longer the gradient of a fixed divergence)."""
+
+    def _fake_denoised(self, x_t, sigma, labels, x0, fake_score):
+        return fake_score(x_t, sigma, labels).float()
+
+    def generator_loss(self, x0, labels, teacher, fake_score, generator):
+        sigma, noise = self._noisy(x0, generator)
+        x0_const = x0.detach()
+        x_t = x0_const + sigma * noise
+        with torch.no_grad():
+            with autocast(x0.device, self.amp_dtype):
+                d_teacher = teacher(x_t, sigma, labels).float()
+                d_fake = self._fake_denoised(x_t, sigma, labels, x0_const, fake_score)
+            direction = self.weighting(sigma) * (d_fake - d_teacher)
+            if self.normalize:
+                direction = direction / _per_sample((x0_const - d_teacher).abs().flatten(1).mean(1).clamp_min(1e-8), x0)
+            training_stats.report('Divergence/denoiser_gap', (d_fake - d_teacher).square().flatten(1).mean(1).sqrt())
+        return self._sum(direction * x0)
+
+
+class SDS(IKL):
+    """Score distillation: the generator as a Dirac at x0, whose diffused score is known in closed form,
+    -(x_t - x0) / sigma^2, i.e. D_fake = x0 (Corollary 3.4). No fake-score network is needed."""
+
+    needs_fake_score = False
+
+    def _fake_denoised(self, x_t, sigma, labels, x0, fake_score):
+        return x0
+
+
+class SiD(Divergence):
+    """Score identity Distillation's Fisher-divergence loss, per pixel
+    (D_t - D_f) * ((D_t - x0) - alpha * (D_t - D_f)) / mean|x0 - D_t|, with gradients through both networks'
+    inputs (not their weights), times lam(sigma)."""
+
+    def __init__(self, sigma, weighting='denoiser', alpha: float = 1.2, amp_dtype=None):
+        super().__init__(sigma, weighting, normalize=True, amp_dtype=amp_dtype)
+        self.alpha = float(alpha)
+
+    def generator_loss(self, x0, labels, teacher, fake_score, generator):
+        sigma, noise = self._noisy(x0, generator)
+        x_t = x0 + sigma * noise
+        with _frozen(teacher, fake_score), autocast(x0.device, self.amp_dtype):
+            d_teacher = teacher(x_t, sigma, labels).float()
+            d_fake = fake_score(x_t, sigma, labels).float()
+        gap = d_teacher - d_fake
+        scale = _per_sample((x0 - d_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8), x0)
+        loss = self.weighting(sigma) * gap * ((d_teacher - x0) - self.alpha * gap) / scale
+        training_stats.report('Divergence/denoiser_gap', gap.detach().square().flatten(1).mean(1).sqrt())
+        return self._sum(loss)
+
+
+DIVERGENCES = dict(ikl=IKL, sds=SDS, sid=SiD)
+
+
+def make_divergence(name: str, sigma: SigmaDistribution, weighting: str = 'denoiser', normalize: bool = False,
+                    sid_alpha: float = 1.2, amp_dtype: Optional[torch.dtype] = None) -> Divergence:
+    if name == 'sid':
+        return SiD(sigma, weighting, alpha=sid_alpha, amp_dtype=amp_dtype)
+    if name not in DIVERGENCES:
+        raise ValueError(f'divergence: unknown name {name!r}, expected one of {sorted(DIVERGENCES)}')
+    return DIVERGENCES[name](sigma, weighting, normalize=normalize, amp_dtype=amp_dtype)
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def edm_dsm_loss(net: torch.nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], sigma: SigmaDistribution,
+                 generator: torch.Generator, sigma_data: float = 0.5, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """EDM's denoising score matching, per sample: sum over elements of lam(sigma) * |D(y + sigma n) - y|^2 with
+    lam = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2. This is how the fake score tracks the generator."""
+    s = _per_sample(sigma.sample(images.shape[0], generator, images.device), images)
+    noise = torch.randn(images.shape, generator=generator, device=images.device)
+    with autocast(images.device, amp_dtype):
+        denoised = net(images + s * noise, s, labels).float()
+    weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
+    return (weight * (denoised - images).square()).flatten(1).sum(1)
+
+# ----------------------------------------------------------------------------------------------------------------

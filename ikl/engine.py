@@ -1,0 +1,495 @@
+"""The training engine shared by refinement and distillation: one loop over (adapter, teacher, fake score, options).
+
+Per iteration (schedule `reuse`, the default):
+
+1. Generator step. For each accumulation round, the adapter makes `batch_gpu` samples x0 with gradient (the one
+   generator forward of the iteration); the divergence draws sigma and noise, runs the teacher and the fake score
+   on the detached x_t without autograd and returns the surrogate loss; its backward reaches the generator only.
+   Gradients are summed over rounds and processes (one all-reduce), checked for NaN/Inf, unscaled, and applied.
+2. Fake-score steps (`fake_steps` = k). The first reuses the same x0, detached, for EDM's DSM loss; further steps
+   draw fresh no-grad samples. The fake score therefore fits samples of the generator *before* this iteration's
+   update, and the next generator step uses it: it lags the generator by one step (the official schedule fits the
+   fake score to the current generator, then updates the generator, at the cost of a second generator forward).
+   At the small learning rates used for Diff-Instruct the two are indistinguishable in practice; `schedule=
+   'official'` reproduces the upstream order (fake step on an extra no-grad generator pass, then the generator
+   step on fresh samples) for comparison.
+3. EMA of the generator (half-life in kimg, ramp-up ratio; parameters are averaged, buffers copied).
+
+Randomness is a function of counters: every accumulation chunk of every iteration gets its own generator seeded
+from (seed, iteration, purpose, global chunk index), and torch's global RNG (dropout) is reseeded the same way.
+Hence exact resume needs no RNG bookkeeping, and N processes with `batch_gpu` b see the same samples as one process
+accumulating N rounds of b.
+"""
+
+import copy
+import dataclasses
+import glob
+import json
+import os
+import pickle
+import re
+import time
+from typing import Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import training_stats
+
+from .adapters import GeneratorAdapter
+from .divergences import Divergence, autocast, edm_dsm_loss, make_divergence
+from .images import save_preview
+from .sigmas import LogNormal, make_sigma_distribution
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    """Every knob of the engine, JSON-serialisable. Defaults reproduce the official Diff-Instruct settings."""
+
+    # Duration and batch.
+    total_kimg: float = 10000.0     # Generator samples to train on, in thousands.
+    batch: int = 128                # Global batch per iteration (generator samples).
+    batch_gpu: Optional[int] = None  # Samples per process per accumulation round (None: batch / world size).
+    # The divergence and its noise levels.
+    divergence: str = 'ikl'         # ikl | sds | sid
+    sigma: str = 'lognormal'        # lognormal | karras | fixed  (ikl.sigmas)
+    P_mean: float = -1.2            # lognormal: mean of ln(sigma).
+    P_std: float = 1.2              # lognormal: std of ln(sigma).
+    sigma_min: float = 0.002        # karras: schedule range and shape...
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    karras_steps: int = 1000
+    t_min: float = 0.0              # karras: sub-range of the schedule, 0 = sigma_max end, 1 = sigma_min end.
+    t_max: float = 1.0
+    sigma_fixed: float = 0.002      # fixed: the single sigma (small: the t = 0 limit, i.e. plain KL).
+    weighting: str = 'denoiser'     # denoiser (official: unit weight on D_fake - D_teacher) | score
+    normalize: bool = False         # Divide each sample's update by mean|x0 - D_teacher| (DMD-style).
+    sid_alpha: float = 1.2          # sid: alpha of the Fisher-divergence loss.
+    # The fake score (EDM denoising score matching on generator samples).
+    fake_steps: int = 1             # Fake-score updates per generator update.
+    fake_P_mean: float = -1.2
+    fake_P_std: float = 1.2
+    sigma_data: float = 0.5
+    # Optimisers.
+    g_lr: float = 1e-5
+    fake_lr: float = 1e-5
+    betas: tuple = (0.0, 0.999)
+    adam_eps: float = 1e-8
+    lr_warmup_kimg: float = 0.0     # Linear ramp of both learning rates (0: none).
+    g_loss_scale: float = 1.0       # Static multipliers (official --ls / --sgls).
+    fake_loss_scale: float = 1.0
+    # EMA of the generator.
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: Optional[float] = 0.05
+    # Execution.
+    schedule: str = 'reuse'         # reuse (one generator forward per iteration) | official (an extra no-grad pass)
+    precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
+    loss_scale_init: float = 2.0 ** 15
+    loss_scale_growth_interval: int = 1000
+    seed: int = 0
+    # Reporting.
+    tick_kimg: float = 10.0
+    snapshot_ticks: Optional[int] = 50   # Network pickle and training state every N ticks (None: only at the end).
+    image_ticks: Optional[int] = 50      # Preview PNG every N ticks (None: only at the end).
+    grid_size: int = 64                  # Samples in the preview.
+    tensorboard: bool = True             # Only used if tensorboard is installed.
+    progress: bool = True                # tqdm bar with kimg/s and ETA on rank 0.
+
+    @classmethod
+    def from_dict(cls, values: Union[Dict, 'TrainingOptions']) -> 'TrainingOptions':
+        if isinstance(values, cls):
+            return copy.deepcopy(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'training options: unknown option(s) {unknown}; known: {sorted(known)}')
+        opts = cls(**values)
+        opts.betas = tuple(opts.betas)
+        return opts
+
+    def to_dict(self) -> dnnlib.EasyDict:
+        return dnnlib.EasyDict(dataclasses.asdict(self))
+
+    def check(self, world_size: int) -> None:
+        batch_gpu = self.batch_gpu or self.batch // world_size
+        if self.batch <= 0 or batch_gpu <= 0 or self.batch % (batch_gpu * world_size) != 0:
+            raise ValueError(f'training options: batch={self.batch} must be a positive multiple of batch_gpu={batch_gpu} '
+                             f'x world size {world_size}')
+        choices = dict(schedule=('reuse', 'official'), precision=('fp32', 'bf16', 'fp16'))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
+        if self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0:
+            raise ValueError('training options: fake_steps >= 1, total_kimg > 0 and tick_kimg > 0 are required')
+
+
+def build_divergence(opts: TrainingOptions) -> Divergence:
+    kwargs = dict(lognormal=dict(P_mean=opts.P_mean, P_std=opts.P_std),
+                  karras=dict(sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+                              num_steps=opts.karras_steps, t_min=opts.t_min, t_max=opts.t_max),
+                  fixed=dict(sigma=opts.sigma_fixed)).get(opts.sigma, {})
+    sigma = make_sigma_distribution(opts.sigma, **kwargs)
+    return make_divergence(opts.divergence, sigma, opts.weighting, opts.normalize, opts.sid_alpha, _AMP[opts.precision])
+
+
+_AMP = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LossScaler:
+    """Dynamic loss scaling plus the NaN/Inf guard: a step with non-finite gradients is skipped and counted, and
+    (when scaling is on) the scale halves; after `growth_interval` good steps in a row it doubles. With scaling
+    off the scale stays 1 and only the guard acts."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 15, growth_interval: int = 1000):
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+        self.skipped = 0
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.skipped += 1
+            self.good_steps = 0
+            if self.enabled:
+                self.scale = max(self.scale * 0.5, 1.0 / 2 ** 24)
+            return
+        self.good_steps += 1
+        if self.enabled and self.good_steps >= self.growth_interval:
+            self.scale = min(self.scale * 2.0, 2.0 ** 24)
+            self.good_steps = 0
+
+    def state_dict(self) -> Dict:
+        return dict(scale=self.scale, good_steps=self.good_steps, skipped=self.skipped)
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.scale, self.good_steps, self.skipped = float(state['scale']), int(state['good_steps']), int(state['skipped'])
+
+
+def default_snapshot(adapter: GeneratorAdapter, ema: GeneratorAdapter, fake_score: Optional[torch.nn.Module]) -> Dict:
+    """What `network-snapshot-*.pkl` holds by default: the EMA adapter's export, plus the fake score."""
+    data = dict(ema.export())
+    if fake_score is not None:
+        data['fake_score'] = copy.deepcopy(fake_score).eval().requires_grad_(False).cpu()
+    return data
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def latest_training_state(run_dir: str) -> Optional[str]:
+    """The newest `training-state-*.pt` in `run_dir`, or None."""
+    paths = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+    key = lambda p: int(re.search(r'training-state-(\d+)\.pt$', p).group(1))
+    return max(paths, key=key) if paths else None
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the networks, optimisers and counters of one run; `run()` trains to `total_kimg`."""
+
+    def __init__(self, adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
+                 options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
+                 snapshot_fn: Callable = default_snapshot):
+        self.opts = TrainingOptions.from_dict(options)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.opts.check(self.world)
+        self.device = torch.device(device) if device is not None else dist.get_device()
+        self.run_dir = run_dir
+        self.snapshot_fn = snapshot_fn
+        self.batch_gpu = self.opts.batch_gpu or self.opts.batch // self.world
+        self.rounds = self.opts.batch // (self.batch_gpu * self.world)
+        self.amp = _AMP[self.opts.precision]
+
+        self.divergence = build_divergence(self.opts)
+        self.fake_sigma = LogNormal(self.opts.fake_P_mean, self.opts.fake_P_std)
+        if self.divergence.needs_fake_score and fake_score is None:
+            raise ValueError(f'divergence {self.opts.divergence!r} needs a fake-score network (usually a copy of the teacher)')
+        self.fake_score = fake_score.to(self.device).requires_grad_(True) if self.divergence.needs_fake_score else None
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.adapter = adapter.to(self.device)
+        self.ema = copy.deepcopy(self.adapter).eval().requires_grad_(False)
+
+        betas, eps = tuple(self.opts.betas), self.opts.adam_eps
+        self.g_params = [p for p in self.adapter.parameters() if p.requires_grad]
+        if not self.g_params:
+            raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
+        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=betas, eps=eps)
+        self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
+        if self.fake_score is not None:
+            self.fake_params = [p for p in self.fake_score.parameters() if p.requires_grad]
+            self.fake_opt = torch.optim.Adam(self.fake_params, lr=self.opts.fake_lr, betas=betas, eps=eps)
+            self.fake_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
+
+        self.iteration = 0
+        self.cur_nimg = 0
+        self.cur_tick = 0
+        self.tick_start_nimg = 0
+
+    # -- randomness -------------------------------------------------------------------------------------------
+
+    def _rng(self, purpose: int, round_idx: int) -> torch.Generator:
+        """Generator for one chunk; also reseeds torch's global RNG so dropout is reproducible."""
+        chunk = round_idx * self.world + self.rank
+        words = np.random.SeedSequence([self.opts.seed, self.iteration, purpose, chunk]).generate_state(2, np.uint32)
+        seed = (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
+        torch.manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # -- one iteration ----------------------------------------------------------------------------------------
+
+    def _lr_factor(self) -> float:
+        if self.opts.lr_warmup_kimg <= 0:
+            return 1.0
+        return min(self.cur_nimg / (self.opts.lr_warmup_kimg * 1000), 1.0)
+
+    def _apply_gradients(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> bool:
+        """Sum gradients over processes, then skip (non-finite) or unscale and step. Returns whether it stepped."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.world > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            torch.distributed.all_reduce(flat)
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+            finite = bool(torch.isfinite(flat).all())
+        else:
+            finite = bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum()))
+        if finite:
+            if scaler.scale != 1.0:
+                torch._foreach_mul_(grads, 1.0 / scaler.scale)
+            for p, g in zip(params, grads):
+                p.grad = g
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            optimizer.step()
+        scaler.update(finite)
+        training_stats.report0(f'Progress/skipped_{name}', float(not finite))
+        for p in params:
+            p.grad = None
+        return finite
+
+    def _generator_step(self):
+        o = self.opts
+        self.adapter.train()
+        if self.fake_score is not None:
+            self.fake_score.eval()
+        samples = []
+        for r in range(self.rounds):
+            gen = self._rng(0, r)
+            with autocast(self.device, self.amp):
+                x0, labels = self.adapter.sample(self.batch_gpu, gen)
+            x0 = x0.float()
+            loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen)
+            (loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)).backward()
+            samples.append((x0.detach(), None if labels is None else labels.detach()))
+        self._apply_gradients(self.g_params, self.g_opt, self.g_scaler, o.g_lr * self._lr_factor(), 'G')
+        return samples
+
+    def _fresh_samples(self, purpose: int, r: int):
+        self.adapter.eval()
+        with torch.no_grad(), autocast(self.device, self.amp):
+            x, labels = self.adapter.sample(self.batch_gpu, self._rng(purpose, r))
+        self.adapter.train()
+        return x.float(), labels
+
+    def _fake_steps(self, reused=None):
+        o = self.opts
+        self.fake_score.train()
+        for k in range(o.fake_steps):
+            for r in range(self.rounds):
+                x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
+                loss = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma, self._rng(2 + 2 * k, r), o.sigma_data, self.amp)
+                training_stats.report('Loss/fake_score', loss)
+                (loss.sum() * (o.fake_loss_scale * self.fake_scaler.scale / o.batch)).backward()
+            self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        o = self.opts
+        ema_nimg = o.ema_halflife_kimg * 1000
+        if o.ema_rampup_ratio is not None:
+            ema_nimg = min(ema_nimg, self.cur_nimg * o.ema_rampup_ratio)
+        beta = 0.5 ** (o.batch / max(ema_nimg, 1e-8))
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.adapter.parameters()], 1.0 - beta)
+        for b_ema, b in zip(self.ema.buffers(), self.adapter.buffers()):
+            b_ema.copy_(b)
+
+    def step(self) -> None:
+        """One iteration: generator update, fake-score update(s), EMA (order per `schedule`)."""
+        if self.fake_score is not None and self.opts.schedule == 'official':
+            self._fake_steps(reused=None)
+            self._generator_step()
+        else:
+            samples = self._generator_step()
+            if self.fake_score is not None:
+                self._fake_steps(reused=samples)
+        self._update_ema()
+        self.cur_nimg += self.opts.batch
+        self.iteration += 1
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict:
+        state = dict(version=1, options=dataclasses.asdict(self.opts), world_size=self.world,
+                     counters=dict(iteration=self.iteration, cur_nimg=self.cur_nimg, cur_tick=self.cur_tick,
+                                   tick_start_nimg=self.tick_start_nimg),
+                     adapter=self.adapter.state_dict(), ema=self.ema.state_dict(),
+                     g_opt=self.g_opt.state_dict(), g_scaler=self.g_scaler.state_dict(),
+                     torch_rng=torch.get_rng_state())
+        if self.fake_score is not None:
+            state.update(fake_score=self.fake_score.state_dict(), fake_opt=self.fake_opt.state_dict(),
+                         fake_scaler=self.fake_scaler.state_dict())
+        if self.device.type == 'cuda':
+            state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get('version') != 1:
+            raise ValueError('training state: unknown format version (expected 1)')
+        for key, value in state['counters'].items():
+            setattr(self, key, int(value))
+        self.adapter.load_state_dict(state['adapter'])
+        self.ema.load_state_dict(state['ema'])
+        self.g_opt.load_state_dict(state['g_opt'])
+        self.g_scaler.load_state_dict(state['g_scaler'])
+        if self.fake_score is not None:
+            self.fake_score.load_state_dict(state['fake_score'])
+            self.fake_opt.load_state_dict(state['fake_opt'])
+            self.fake_scaler.load_state_dict(state['fake_scaler'])
+        torch.set_rng_state(state['torch_rng'])
+        if 'cuda_rng' in state and self.device.type == 'cuda':
+            torch.cuda.set_rng_state(state['cuda_rng'], self.device)
+
+    def resume(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+            raise ValueError(f'resume: cannot read training state {path!r}: {err}') from None
+        self.load_state_dict(state)
+        saved = state['options']
+        for key in ('batch', 'seed', 'divergence', 'sigma', 'weighting', 'schedule'):
+            if saved.get(key) != getattr(self.opts, key):
+                dist.print0(f'Warning: resuming with {key}={getattr(self.opts, key)!r} (state has {saved.get(key)!r}); '
+                            'the run will not match an uninterrupted one.')
+
+    # -- outputs ----------------------------------------------------------------------------------------------
+
+    def _kimg_name(self, prefix: str, ext: str) -> str:
+        return os.path.join(self.run_dir, f'{prefix}-{self.cur_nimg // 1000:06d}.{ext}')
+
+    def save_snapshot(self) -> None:
+        if self.rank == 0:
+            data = self.snapshot_fn(self.adapter, self.ema, self.fake_score)
+            _atomic_write(self._kimg_name('network-snapshot', 'pkl'), lambda f: pickle.dump(data, f))
+
+    def save_state(self) -> None:
+        if self.rank == 0:
+            state = self.state_dict()
+            _atomic_write(self._kimg_name('training-state', 'pt'), lambda f: torch.save(state, f))
+
+    @torch.no_grad()
+    def save_preview(self, name: str) -> None:
+        if self.rank != 0 or self.opts.grid_size <= 0:
+            return
+        gen = torch.Generator(device=self.device).manual_seed(self.opts.seed)
+        samples, _ = self.ema.sample(self.opts.grid_size, gen)
+        save_preview(samples.float(), os.path.join(self.run_dir, name))
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self, resume: Optional[str] = None) -> None:
+        """Train to `total_kimg`. `resume`: a training-state path, 'auto' (latest in run_dir, if any) or None."""
+        o = self.opts
+        if resume == 'auto':
+            resume = latest_training_state(self.run_dir)
+        if resume:
+            self.resume(resume)
+            dist.print0(f'Resuming from {resume} at {self.cur_nimg / 1000:.1f} kimg')
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, 'ikl_options.json'), 'wt') as f:
+                json.dump(dict(o.to_dict(), batch_gpu=self.batch_gpu, world_size=self.world), f, indent=2)
+            if self.cur_nimg == 0:
+                self.save_preview('fakes_init.png')
+        stats_file = open(os.path.join(self.run_dir, 'stats.jsonl'), 'at') if self.rank == 0 else None
+        tb_writer = self._tensorboard() if self.rank == 0 and o.tensorboard else None
+        collector = training_stats.Collector(regex='.*')
+        total_nimg = int(o.total_kimg * 1000)
+        bar = self._progress_bar(total_nimg)
+        tick_start_time = time.time()
+        try:
+            while self.cur_nimg < total_nimg:
+                self.step()
+                if bar is not None:
+                    bar.update(o.batch / 1000)
+                done = self.cur_nimg >= total_nimg
+                if not done and self.cur_nimg < self.tick_start_nimg + o.tick_kimg * 1000:
+                    continue
+                tick_kimg = (self.cur_nimg - self.tick_start_nimg) / 1000
+                training_stats.report0('Progress/tick', self.cur_tick)
+                training_stats.report0('Progress/kimg', self.cur_nimg / 1000)
+                training_stats.report0('Progress/loss_scale_G', self.g_scaler.scale)
+                training_stats.report0('Progress/skipped_total_G', self.g_scaler.skipped)
+                training_stats.report0('Timing/sec_per_kimg', (time.time() - tick_start_time) / max(tick_kimg, 1e-8))
+                collector.update()
+                if stats_file is not None:
+                    stats_file.write(json.dumps(dict(collector.as_dict(), timestamp=time.time())) + '\n')
+                    stats_file.flush()
+                if tb_writer is not None:
+                    for name, value in collector.as_dict().items():
+                        tb_writer.add_scalar(name, value.mean, global_step=int(self.cur_nimg / 1e3))
+                    tb_writer.flush()
+                if bar is None:
+                    dist.print0(f'tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
+                                f"sec/kimg {collector['Timing/sec_per_kimg']:<8.2f} "
+                                f"fake_loss {collector['Loss/fake_score']:<8.4g} skipped {self.g_scaler.skipped}")
+                self.cur_tick += 1
+                self.tick_start_nimg = self.cur_nimg
+                if done or (o.snapshot_ticks and self.cur_tick % o.snapshot_ticks == 0):
+                    self.save_snapshot()
+                    self.save_state()
+                if done or (o.image_ticks and self.cur_tick % o.image_ticks == 0):
+                    self.save_preview(f'fakes{self.cur_nimg // 1000:06d}.png')
+                tick_start_time = time.time()
+        finally:
+            if bar is not None:
+                bar.close()
+            if stats_file is not None:
+                stats_file.close()
+            if tb_writer is not None:
+                tb_writer.close()
+
+    def _progress_bar(self, total_nimg: int):
+        if self.rank != 0 or not self.opts.progress:
+            return None
+        import tqdm
+        return tqdm.tqdm(total=total_nimg / 1000, initial=self.cur_nimg / 1000, unit='kimg', dynamic_ncols=True,
+                         bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}, {rate_fmt}]')
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(self.run_dir)
+
+
+def train(adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
+          options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
+          snapshot_fn: Callable = default_snapshot, resume: Optional[str] = None) -> Trainer:
+    """Build a Trainer and run it to `options.total_kimg`; returns the trainer (its `ema`, `adapter`, counters)."""
+    trainer = Trainer(adapter, teacher, fake_score, options, run_dir, device=device, snapshot_fn=snapshot_fn)
+    trainer.run(resume=resume)
+    return trainer
+
+# ----------------------------------------------------------------------------------------------------------------

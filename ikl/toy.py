@@ -1,0 +1,67 @@
+"""Small networks for low-dimensional experiments: an MLP generator and an EDM-preconditioned MLP denoiser.
+
+The denoiser follows the Teacher interface (`D(x, sigma, class_labels=None) -> x0_hat` on `[N, D]` data), so it
+can serve as a fake score, as a learned teacher, or (through `OneStepStudentAdapter`) as a one-step student.
+"""
+
+import math
+
+import torch
+
+from torch_utils import persistence
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> torch.nn.Sequential:
+    mods, dim = [], in_dim
+    for _ in range(layers):
+        mods += [torch.nn.Linear(dim, hidden), torch.nn.SiLU()]
+        dim = hidden
+    mods.append(torch.nn.Linear(dim, out_dim))
+    return torch.nn.Sequential(*mods)
+
+
+@persistence.persistent_class
+class MLPGenerator(torch.nn.Module):
+    """z [N, latent_dim] -> x [N, out_dim]."""
+
+    def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3):
+        super().__init__()
+        self.latent_dim, self.out_dim = latent_dim, out_dim
+        self.img_channels, self.img_resolution = out_dim, 1
+        self.net = _mlp(latent_dim, hidden, layers, out_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+@persistence.persistent_class
+class MLPDenoiser(torch.nn.Module):
+    """EDM-preconditioned denoiser for [N, D] data: D(x) = c_skip x + c_out F(c_in x, c_noise), c_noise = ln(sigma)/4,
+    with c_noise fed through sinusoidal features."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16):
+        super().__init__()
+        self.dim, self.sigma_data = dim, float(sigma_data)
+        self.img_channels, self.img_resolution, self.label_dim = dim, 1, 0
+        self.data_shape = [dim]
+        self.sigma_min, self.sigma_max = 0.0, float('inf')
+        self.register_buffer('freqs', torch.exp(torch.linspace(0, math.log(100.0), num_freqs)))
+        self.net = _mlp(dim + 2 * num_freqs, hidden, layers, dim)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused_kwargs) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd2).sqrt()
+        angles = (sigma.log() / 4) * self.freqs[None, :]
+        features = torch.cat([c_in * x, angles.sin(), angles.cos()], dim=1)
+        return c_skip * x + c_out * self.net(features).to(torch.float32)
+
+# ----------------------------------------------------------------------------------------------------------------
