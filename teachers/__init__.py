@@ -1,0 +1,19 @@
+"""Teachers: denoisers D(x, sigma, class_labels) in EDM's convention, and everything around them.
+
+* `load(name_or_path_or_url)`: official EDM pickles by short name (`OFFICIAL`), any path or URL.
+* `networks`: SongUNet (DDPM++/NCSN++), DhariwalUNet (ADM), EDMPrecond / VPPrecond / VEPrecond / iDDPMPrecond.
+* `loss`: EDM's denoising losses; `sampling`: Heun/Euler samplers and per-seed generation.
+* `analytic`: exact Gaussian-mixture teachers; `dataset`: the image dataset class.
+"""
+
+from .interface import TEACHER_ATTRIBUTES, is_teacher, missing_teacher_attributes, score
+from .load import OFFICIAL, TeacherLoadError, load, load_pickle, rebuild_as_ours, resolve
+from .networks import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
+from .sampling import edm_sampler, generate_images
+
+__all__ = [
+    'TEACHER_ATTRIBUTES', 'is_teacher', 'missing_teacher_attributes', 'score',
+    'OFFICIAL', 'TeacherLoadError', 'load', 'load_pickle', 'rebuild_as_ours', 'resolve',
+    'DhariwalUNet', 'EDMPrecond', 'SongUNet', 'VEPrecond', 'VPPrecond', 'iDDPMPrecond',
+    'edm_sampler', 'generate_images',
+]

@@ -1,0 +1,1 @@
+"""Import paths that upstream pickles record (e.g. `training.dataset.ImageFolderDataset`)."""
