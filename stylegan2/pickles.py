@@ -98,6 +98,7 @@ def interpret_network_pkl(data: Any, what: str = 'pickle') -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise NetworkPickleError(f'{what}: expected a StyleGAN2 network pickle (a dict with G, D, G_ema), '
                                  f'got {type(data).__name__}')
+    data = {key: value for key, value in data.items() if not (key in NETWORK_KEYS and value is None)}
     if not any(key in data for key in NETWORK_KEYS):
         hint = ' (this is an EDM diffusion-model pickle: use it as a teacher)' if 'ema' in data else ''
         raise NetworkPickleError(f'{what}: expected a StyleGAN2 network pickle with G, D or G_ema; found keys '
@@ -105,7 +106,7 @@ def interpret_network_pkl(data: Any, what: str = 'pickle') -> Dict[str, Any]:
     for key in ('G', 'G_ema'):
         if key in data and not _is_generator(data[key]):
             raise NetworkPickleError(f'{what}: {key} is a {type(data[key]).__name__}, not a StyleGAN2 generator')
-    if 'D' in data and data['D'] is not None and not _is_discriminator(data['D']):
+    if 'D' in data and not _is_discriminator(data['D']):
         raise NetworkPickleError(f'{what}: D is a {type(data["D"]).__name__}, not a StyleGAN2 discriminator')
 
     data = dict(data)

@@ -113,11 +113,11 @@ def _fill(net: torch.nn.Module, tensors: Dict[str, np.ndarray],
             if tf_name not in tensors:
                 raise TFConversionError(f'the TensorFlow pickle has no variable {tf_name!r} for {name} '
                                         f'{list(tensor.shape)}')
-            value = np.ascontiguousarray(transform(tensors[tf_name]))
+            value = np.array(transform(tensors[tf_name]), dtype=np.float32, order='C')  # keeps 0-d scalars 0-d
             if tuple(value.shape) != tuple(tensor.shape):
                 raise TFConversionError(f'TensorFlow variable {tf_name!r} has shape {list(value.shape)} after '
                                         f'conversion, but {name} needs {list(tensor.shape)}')
-            tensor.copy_(torch.from_numpy(value.astype(np.float32)))
+            tensor.copy_(torch.from_numpy(value))
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generator.
