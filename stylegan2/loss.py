@@ -38,8 +38,12 @@ class StyleGAN2Loss:
         self.pl_weight = pl_weight
         self.pl_mean = torch.zeros([], device=device)  # Running mean of path lengths (not pickled upstream).
 
-    def run_G(self, z: torch.Tensor, c: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """Images and the ws that made them, with style mixing at a random layer cutoff."""
+    def run_G(self, z: torch.Tensor, c: torch.Tensor, generator: Optional[torch.Generator] = None,
+              ws_grad: bool = False):
+        """Images and the ws that made them, with style mixing at a random layer cutoff.
+
+        `ws_grad` makes ws differentiable even when the mapping network is frozen (for the path-length term).
+        """
         ws = self.G.mapping(z, c)
         if self.style_mixing_prob > 0:
             num_ws = ws.shape[1]
@@ -50,6 +54,8 @@ class StyleGAN2Loss:
                 z_mix = torch.randn(z.shape, generator=generator, device=generator_device(generator)).to(z.device)
                 ws_mix = self.G.mapping(z_mix, c, skip_w_avg_update=True)
                 ws = torch.cat([ws[:, :cutoff], ws_mix[:, cutoff:]], dim=1)
+        if ws_grad and not ws.requires_grad:
+            ws = ws.detach().requires_grad_(True)
         img = self.G.synthesis(ws)
         return img, ws
 
@@ -77,11 +83,12 @@ class StyleGAN2Loss:
             training_stats.report('Loss/signs/fake', gen_logits.sign())
             training_stats.report('Loss/G/loss', loss_Gmain)
             loss_Gmain.mean().mul(gain).backward()
-            stats['G_loss'] = float(loss_Gmain.mean())
+            stats['G_loss'] = float(loss_Gmain.detach().mean())
 
         if do_Gpl:  # Path length: |J_w^T y| should stay near its running mean.
             batch = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
-            gen_img, gen_ws = self.run_G(gen_z[:batch], gen_c[:batch], generator)
+            gen_c_pl = gen_c[:batch] if gen_c is not None else None
+            gen_img, gen_ws = self.run_G(gen_z[:batch], gen_c_pl, generator, ws_grad=True)
             pl_noise = torch.randn(gen_img.shape, generator=generator, device=generator_device(generator))
             pl_noise = pl_noise.to(gen_img.device) / np.sqrt(gen_img.shape[2] * gen_img.shape[3])
             with conv2d_gradfix.no_weight_gradients():
@@ -95,7 +102,7 @@ class StyleGAN2Loss:
             training_stats.report('Loss/pl_penalty', pl_penalty)
             training_stats.report('Loss/G/reg', loss_Gpl)
             (gen_img[:, 0, 0, 0] * 0 + loss_Gpl).mean().mul(gain).backward()
-            stats['G_reg'] = float(loss_Gpl.mean())
+            stats['G_reg'] = float(loss_Gpl.detach().mean())
 
         if do_Dmain:  # -log(1 - sigmoid(D(G(z)))) on fakes.
             with torch.no_grad():
@@ -105,7 +112,7 @@ class StyleGAN2Loss:
             training_stats.report('Loss/scores/fake', gen_logits)
             training_stats.report('Loss/signs/fake', gen_logits.sign())
             loss_Dgen.mean().mul(gain).backward()
-            stats['D_loss_fake'] = float(loss_Dgen.mean())
+            stats['D_loss_fake'] = float(loss_Dgen.detach().mean())
 
         if do_Dmain or do_Dr1:  # One D pass on reals serves both -log sigmoid(D(x)) and R1.
             real_img_tmp = real_img.detach().requires_grad_(do_Dr1)
@@ -116,7 +123,7 @@ class StyleGAN2Loss:
             if do_Dmain:
                 loss_Dreal = F.softplus(-real_logits)
                 training_stats.report('Loss/D/loss', loss_Dgen + loss_Dreal)
-                stats['D_loss_real'] = float(loss_Dreal.mean())
+                stats['D_loss_real'] = float(loss_Dreal.detach().mean())
             loss_Dr1 = 0
             if do_Dr1:
                 with conv2d_gradfix.no_weight_gradients():
@@ -126,7 +133,7 @@ class StyleGAN2Loss:
                 loss_Dr1 = r1_penalty * (self.r1_gamma / 2)
                 training_stats.report('Loss/r1_penalty', r1_penalty)
                 training_stats.report('Loss/D/reg', loss_Dr1)
-                stats['D_reg'] = float(loss_Dr1.mean())
+                stats['D_reg'] = float(loss_Dr1.detach().mean())
             (real_logits * 0 + loss_Dreal + loss_Dr1).mean().mul(gain).backward()
 
         return stats
