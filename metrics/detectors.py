@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -43,11 +44,16 @@ class Detector(nn.Module):
     input_spec: InputSpec = InputSpec()
     has_probs: bool = False
 
-    def __init__(self, name: str, identity: str, input_spec: InputSpec):
+    def __init__(self, name: str, identity: Optional[str], input_spec: InputSpec):
         super().__init__()
         self.name = name
-        self.identity = identity
+        self._file_identity = identity
         self.input_spec = input_spec
+
+    @property
+    def identity(self) -> str:
+        """The weights file's hash, or for in-memory modules a hash of the current weights."""
+        return self._file_identity if self._file_identity is not None else state_dict_identity(self)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return adapt_images(images, self.input_spec)
@@ -104,7 +110,6 @@ class FashionDetector(Detector):
     has_probs = True
 
     def __init__(self, net: FashionFeatureNet, identity: Optional[str] = None, name: str = 'fmnist'):
-        identity = identity or state_dict_identity(net)
         spec = InputSpec(channels=INPUT_CHANNELS, resolution=INPUT_RESOLUTION, value_range='pm1', pad_from=28)
         super().__init__(name, identity, spec)
         self.net = net.eval().requires_grad_(False)
@@ -121,7 +126,7 @@ class ModuleDetector(Detector):
 
     def __init__(self, module: nn.Module, name: str = 'custom', input_spec: InputSpec = InputSpec(),
                  call_kwargs: Optional[dict] = None, identity: Optional[str] = None):
-        super().__init__(name, identity or state_dict_identity(module), input_spec)
+        super().__init__(name, identity, input_spec)
         self.module = module.eval().requires_grad_(False)
         self.call_kwargs = dict(call_kwargs or {})
 
@@ -163,7 +168,8 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith('constants.pkl') or '/code/' in name for name in zf.namelist())
 
 
-def load_fmnist_detector(path: str = FMNIST_WEIGHTS, device: Union[str, torch.device] = 'cpu') -> FashionDetector:
+def load_fmnist_detector(path: str = FMNIST_WEIGHTS, device: Union[str, torch.device] = 'cpu',
+                         name: str = 'fmnist') -> FashionDetector:
     """Load the shipped (or a retrained) offline detector; weights only, no code is executed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'offline detector weights not found: {path} (train them with train_detector.py)')
@@ -172,7 +178,7 @@ def load_fmnist_detector(path: str = FMNIST_WEIGHTS, device: Union[str, torch.de
         raise ValueError(f'{path}: not a {FMNIST_FORMAT} weights file')
     net = FashionFeatureNet()
     net.load_state_dict(blob['state_dict'])
-    return FashionDetector(net, identity=file_identity(path)).to(device)
+    return FashionDetector(net, identity=file_identity(path), name=name).to(device)
 
 
 def _load_file(path: str, name: Optional[str], device: torch.device) -> Detector:
@@ -184,11 +190,13 @@ def _load_file(path: str, name: Optional[str], device: torch.device) -> Detector
         except Exception as err:  # noqa: BLE001 -- reported below as one clear line.
             raise ValueError(f'detector file {path}: not TorchScript, a pickle or {FMNIST_FORMAT} ({err})') from None
         if isinstance(blob, dict) and blob.get('meta', {}).get('format') == FMNIST_FORMAT:
-            return load_fmnist_detector(path, device)
+            return load_fmnist_detector(path, device, name)
         raise ValueError(f'detector file {path}: unrecognised weights file (expected TorchScript, a pickled '
                          f'detector or {FMNIST_FORMAT})')
     if _is_torchscript(path):
-        net = torch.jit.load(path, map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format the standard files use.
+            warnings.filterwarnings('ignore', category=DeprecationWarning)
+            net = torch.jit.load(path, map_location=device).eval()
     else:
         with open(path, 'rb') as f:  # Upstream EDM/StyleGAN3 .pkl detectors; pickles run code: trusted files only.
             net = pickle.load(f)

@@ -28,7 +28,7 @@ from .references import StatsRequest, generated_batches, make_reference
 
 KID_MAX_REAL = 1_000_000
 PR_MAX_REAL = 200_000
-_NAME_RE = re.compile(r'(fid|kid|is|pr)(\d+k?)(\d*)(_full)?')
+_NAME_RE = re.compile(r'(fid|kid|is|pr)(\d+k?)(?:_?(\d+))?(_full)?')
 _RENAMED_KIND = {'fid': 'fd', 'kid': 'kd', 'pr': 'pr', 'is': 'is'}  # 'fd': not an Inception distance.
 
 
@@ -54,8 +54,9 @@ def parse_metric(name: str, num_gen: Optional[int] = None, detector_name: Option
                          f'pr50k3_full, is50k (or other counts: fid2k_full, kid500_full)')
     kind, count, k, full = match.group(1), match.group(2), match.group(3), bool(match.group(4))
     if kind == 'pr':
-        if not count.endswith('k') or not k:
-            raise ValueError(f'--metrics: {name!r}: precision/recall is written pr<count>k<k>, e.g. pr50k3_full')
+        if not k or (not count.endswith('k') and f'{count}_{k}' not in name):
+            raise ValueError(f'--metrics: {name!r}: write precision/recall as pr<count>k<k> (pr50k3_full) or '
+                             f'pr<count>_<k> (pr500_3_full)')
     elif k:
         raise ValueError(f'--metrics: unknown metric {name!r}')
     if kind == 'is' and full:
@@ -66,7 +67,9 @@ def parse_metric(name: str, num_gen: Optional[int] = None, detector_name: Option
     standard = standard_detector(kind)
     renamed = detector_name is not None and detector_name != standard
     prefix = f'{_RENAMED_KIND[kind]}_{detector_name}' if renamed else kind
-    new_name = f'{prefix}{_format_count(num)}{(k or "")}{"_full" if full else ""}'
+    count = _format_count(num)
+    neighbours = '' if not k else k if count.endswith('k') else f'_{k}'
+    new_name = f'{prefix}{count}{neighbours}{"_full" if full else ""}'
     return MetricSpec(name=new_name, kind=kind, num_gen=num, full=full, k=int(k or 3),
                       detector=detector_name if renamed else standard)
 

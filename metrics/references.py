@@ -14,9 +14,9 @@ import torch
 import tqdm
 
 import dnnlib
+from teachers.dataset import ImageFolderDataset
 from .detectors import Detector
 from .feature_stats import FeatureStats, STATS_FORMAT
-from .image_folder import ImageFolderReader
 from .images import generator_output_to_uint8
 
 
@@ -72,9 +72,33 @@ def _effective(r: StatsRequest, length: Optional[int]) -> Optional[int]:
     return r.max_items if length is None else min(r.max_items or length, length)
 
 
+def dataset_fingerprint(path: str) -> str:
+    """Identity of a dataset for the statistics cache, cheap to compute for any size.
+
+    ZIP: absolute path, size and mtime of the archive. Folder: absolute path plus the relative name, size and
+    mtime of every file. Any edit, added or removed file changes it; a copy elsewhere is a new key (recomputed
+    once). Content hashing was rejected: it would read a 100 GB dataset before every cache hit.
+    """
+    digest = hashlib.sha1()
+    if os.path.isdir(path):
+        digest.update(f'dir:{os.path.abspath(path)}'.encode())
+        for root, _dirs, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                st = os.stat(os.path.join(root, f))
+                digest.update(f'{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns};'.encode())
+    else:
+        st = os.stat(path)
+        digest.update(f'zip:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}'.encode())
+    return digest.hexdigest()
+
+
 def _cache_path(prefix: str, key: dict) -> str:
     digest = hashlib.md5(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return dnnlib.make_cache_dir_path('gan-metrics', f'{prefix}-{digest}.npz')
+
+
+def _stack_images(items: list) -> torch.Tensor:
+    return torch.from_numpy(np.stack([image for image, _label in items]))
 
 
 class DatasetReference:
@@ -82,7 +106,9 @@ class DatasetReference:
 
     def __init__(self, path: str, mirror: bool = False, cache: bool = True, batch_size: int = 64,
                  num_workers: int = 0):
-        self.reader = ImageFolderReader(path, mirror=mirror)
+        self.path = path
+        self.mirror = mirror
+        self.dataset = ImageFolderDataset(path, xflip=mirror)
         self.cache = cache
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -90,23 +116,24 @@ class DatasetReference:
         self.is_mean_cov_only = False
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.dataset)
 
     def cache_file(self, detector: Detector, request: StatsRequest) -> str:
-        key = dict(format=STATS_FORMAT, dataset=self.reader.fingerprint(), detector=detector.identity,
+        key = dict(format=STATS_FORMAT, dataset=dataset_fingerprint(self.path), mirror=self.mirror,
+                   detector=detector.identity,
                    capture_all=request.capture_all, capture_mean_cov=request.capture_mean_cov,
                    max_items=request.max_items)
-        return _cache_path(f'{self.reader.name}-{detector.name}', key)
+        return _cache_path(f'{self.dataset.name}-{detector.name}', key)
 
     def _batches(self, max_items: int) -> Iterator[torch.Tensor]:
-        subset = torch.utils.data.Subset(self.reader, range(max_items))
+        subset = torch.utils.data.Subset(self.dataset, range(max_items))
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                             collate_fn=lambda items: torch.from_numpy(np.stack(items)))
+                                             collate_fn=_stack_images)
         yield from loader
 
     def get_stats(self, detector: Detector, requests: List[StatsRequest], device: torch.device,
                   progress: bool = False) -> Dict[StatsRequest, FeatureStats]:
-        length = len(self.reader)
+        length = len(self.dataset)
         results: Dict[StatsRequest, FeatureStats] = {}
         for size, merged in _merge(requests, length).items():
             path = self.cache_file(detector, merged)
@@ -115,7 +142,7 @@ class DatasetReference:
             else:
                 stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
                 accumulate(self._batches(size), size, detector, [stats], device,
-                           desc=f'{self.reader.name} [{detector.name}]', progress=progress)
+                           desc=f'{self.dataset.name} [{detector.name}]', progress=progress)
                 if self.cache:
                     stats.save(path, detector=detector.identity, source=self.description)
             for r in requests:
