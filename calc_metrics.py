@@ -40,7 +40,8 @@ def parse_detector(value):
     for item in parse_comma_list(value):
         name, sep, location = item.partition('=')
         if not sep or name not in ('inception', 'vgg16'):
-            raise click.BadParameter(f'expected inception=PATH and/or vgg16=PATH, got {item!r}', param_hint='--detector')
+            raise click.BadParameter(f'expected inception=PATH and/or vgg16=PATH, got {item!r}',
+                                     param_hint='--detector')
         locations[name] = location
     return locations
 

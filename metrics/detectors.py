@@ -92,7 +92,7 @@ class UpstreamDetector(Detector):
     `no_output_bias=True` gives the class probabilities that StyleGAN2-ADA's IS uses.
     """
 
-    def __init__(self, net: nn.Module, name: str, identity: str):
+    def __init__(self, net: nn.Module, name: str, identity: Optional[str] = None):
         super().__init__(name, identity, InputSpec(channels=3, resolution=None, value_range='uint8'))
         self.net = net
         self.has_probs = name == 'inception'
@@ -122,9 +122,10 @@ class FashionDetector(Detector):
 
 
 class ModuleDetector(Detector):
-    """Any module: `module(prepared, **call_kwargs) -> [N, D]` features, with the input it declares."""
+    """Any module: `module(prepared, **call_kwargs) -> [N, D]` features, with the input it declares
+    (by default RGB floats in [-1, 1] at the images' own size)."""
 
-    def __init__(self, module: nn.Module, name: str = 'custom', input_spec: InputSpec = InputSpec(),
+    def __init__(self, module: nn.Module, name: str = 'custom', input_spec: InputSpec = InputSpec(value_range='pm1'),
                  call_kwargs: Optional[dict] = None, identity: Optional[str] = None):
         super().__init__(name, identity, input_spec)
         self.module = module.eval().requires_grad_(False)
@@ -210,7 +211,8 @@ _loaded: Dict[Tuple[str, str], Detector] = {}
 
 
 def load_detector(detector: Any, device: Union[str, torch.device] = 'cpu') -> Detector:
-    """A registered name ('inception', 'vgg16', 'fmnist'), a path or URL, a Detector, or any nn.Module.
+    """A registered name ('inception', 'vgg16', 'fmnist'), a path or URL, a Detector, or any nn.Module
+    (called with uint8 images and `return_features=True` if its forward has that argument, as upstream's are).
 
     Standard detectors are downloaded once into the dnnlib cache; offline, pass a local copy's path.
     Loaded files are kept per (file, device), as upstream does.
@@ -219,11 +221,10 @@ def load_detector(detector: Any, device: Union[str, torch.device] = 'cpu') -> De
     if isinstance(detector, Detector):
         return detector.to(device)
     if isinstance(detector, nn.Module):
-        kwargs = {}
-        signature = inspect.signature(detector.forward) if not isinstance(detector, torch.jit.ScriptModule) else None
-        if signature is not None and 'return_features' in signature.parameters:
-            kwargs['return_features'] = True
-        return ModuleDetector(detector, call_kwargs=kwargs).to(device)
+        scripted = isinstance(detector, torch.jit.ScriptModule)
+        if scripted or 'return_features' in inspect.signature(detector.forward).parameters:
+            return UpstreamDetector(detector.eval(), name='custom').to(device)  # uint8 in, upstream convention.
+        return ModuleDetector(detector).to(device)
     if not isinstance(detector, str):
         raise TypeError(f'detector: expected a name, path, URL or module, got {type(detector).__name__}')
     key = (detector, str(device))

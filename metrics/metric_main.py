@@ -124,10 +124,20 @@ def compute_metrics(metrics: Sequence[str], generator: Any, reference: Any = Non
     unbiased = cov_convention == 'unbiased' or (cov_convention == 'auto' and reference is not None
                                                 and reference.is_mean_cov_only)
 
+    # Reference statistics first, so a reference that cannot serve a metric fails before the long generation.
+    used = sorted({s.detector for s in specs})
+    requests = {s: _reference_request(s) for s in specs}
+    ref_stats: Dict[str, dict] = {}
+    ref_time: Dict[str, float] = {}
+    for name in used:
+        start_time = time.time()
+        wanted = [requests[s] for s in specs if s.detector == name and requests[s] is not None]
+        ref_stats[name] = reference.get_stats(get_detector(name), wanted, device, progress) if wanted else {}
+        ref_time[name] = time.time() - start_time
+
     # Generate once; run every detector (and the IS head) on each batch.
     start_time = time.time()
     total = max(s.num_gen for s in specs)
-    used = sorted({s.detector for s in specs})
     need_probs = {s.detector for s in specs if s.kind == 'is'}
     features: Dict[str, list] = {name: [] for name in used}
     probs: Dict[str, list] = {name: [] for name in need_probs}
@@ -143,19 +153,14 @@ def compute_metrics(metrics: Sequence[str], generator: Any, reference: Any = Non
     gen_time = time.time() - start_time
 
     records = []
-    for name in used:
-        group = [s for s in specs if s.detector == name]
-        requests = {s: _reference_request(s) for s in group}
-        wanted = [r for r in requests.values() if r is not None]
-        ref_stats = reference.get_stats(get_detector(name), wanted, device, progress) if wanted else {}
-        for spec in group:
-            spec_start = time.time()
-            results = _compute(spec, gen_features[name], gen_probs.get(name), ref_stats.get(requests[spec]),
-                               unbiased, seed, device)
-            elapsed = time.time() - spec_start + gen_time / len(specs)
-            records.append(make_record(spec, results, elapsed, get_detector(name), reference, unbiased))
-    order = {s.name: i for i, s in enumerate(specs)}
-    return sorted(records, key=lambda r: order[r['metric']])
+    for spec in specs:
+        start_time = time.time()
+        results = _compute(spec, gen_features[spec.detector], gen_probs.get(spec.detector),
+                           ref_stats[spec.detector].get(requests[spec]), unbiased, seed, device)
+        group_size = sum(s.detector == spec.detector for s in specs)
+        elapsed = time.time() - start_time + gen_time / len(specs) + ref_time[spec.detector] / group_size
+        records.append(make_record(spec, results, elapsed, get_detector(spec.detector), reference, unbiased))
+    return records
 
 
 def make_record(spec: MetricSpec, results: Dict[str, float], total_time: float, detector: Detector,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dnnlib
-from metrics import FashionDetector, MetricRunner, compute_metrics, load_detector, parse_metric
+from metrics import FashionDetector, MetricRunner, ModuleDetector, compute_metrics, load_detector, parse_metric
 from metrics import references
 from metrics.detectors import FMNIST_WEIGHTS, UpstreamDetector, state_dict_identity
 from metrics.feature_stats import FeatureStats
@@ -285,3 +285,24 @@ def test_shipped_offline_detector_classifies_fashion_mnist():
     assert np.mean(predictions == labels) > 0.85
     assert detector.features(images[:3]).shape == (3, 128)
     assert detector.identity != state_dict_identity(FashionFeatureNet())
+
+
+def test_any_module_is_a_detector(tmp_path, fmnist):
+    images, _ = fmnist
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Flatten())
+    detector = load_detector(plain)  # Default input: RGB in [-1, 1] at the images' own size.
+    x = torch.as_tensor(images[:2, None])
+    assert torch.allclose(detector.features(x), plain(x.repeat(1, 3, 1, 1).float() / 127.5 - 1))
+    assert isinstance(load_detector(_TinyUpstreamStyleNet()), UpstreamDetector)
+    spec = InputSpec(channels=1, resolution=16, value_range='pm1')
+    custom = ModuleDetector(torch.nn.Flatten(), name='pixels', input_spec=spec)
+    assert custom.identity == load_detector(ModuleDetector(torch.nn.Flatten(), input_spec=spec)).identity
+    write_dataset_zip(tmp_path / 'data.zip', images)
+    record = compute_metrics(['fid64_full'], BankAdapter(images), str(tmp_path / 'data.zip'), custom,
+                             batch_size=32)[0]
+    # 256 features from 64 images: rank-deficient covariances, where sqrt of round-off eigenvalues leaves ~1e-5
+    # (the covariance trace is ~50).
+    assert record['metric'] == 'fd_pixels64_full' and abs(record['results']['fd_pixels64_full']) < 1e-3
+    resized = adapt_images(torch.as_tensor(images[:1, None]), spec).flatten(1)
+    assert torch.equal(custom.features(torch.as_tensor(images[:1, None])), resized)
