@@ -32,8 +32,8 @@ import torch
 import tqdm
 
 import dnnlib
-import teachers.load
 import teachers.sampling
+from teachers.load import TeacherLoadError, teacher_from_pickle_data
 from stylegan2 import pickles, scripting
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,8 +72,8 @@ def load_renderer(network_pkl: str, opts):
     kind = detect_kind(data)
     if kind == 'diffusion':
         try:
-            net = teachers.load.teacher_from_pickle_data(data, source=network_pkl)
-        except teachers.load.TeacherLoadError as err:
+            net = teacher_from_pickle_data(data, source=network_pkl)
+        except TeacherLoadError as err:
             raise pickles.NetworkPickleError(str(err)) from None
         return kind, net.eval().requires_grad_(False).to(opts.device), render_diffusion
     nets = pickles.interpret_network_pkl(data, network_pkl)

@@ -17,6 +17,7 @@ Security: a network pickle contains code, and loading it runs that code. Only lo
 --refuse-unknown-code.
 """
 
+import importlib.util
 import os
 from typing import List
 
@@ -46,17 +47,18 @@ def load_target(path: str, resolution: int, channels: int) -> np.ndarray:
 
 
 def write_video(path: str, target: np.ndarray, frames: List[np.ndarray]) -> str:
-    """target|frame side by side: MP4 when imageio's ffmpeg plugin is installed, else an animated GIF."""
+    """target|frame side by side: MP4 through imageio when its ffmpeg plugin (imageio-ffmpeg) is installed,
+    otherwise an animated GIF next to it. Returns the path written."""
     frames = [np.concatenate([target, frame], axis=1) for frame in frames]
     frames = [f[:, :, 0] if f.shape[2] == 1 else f for f in frames]
-    try:
-        writer = imageio.get_writer(path, mode='I', fps=10, codec='libx264', bitrate='16M')
-    except (ImportError, ValueError, RuntimeError):
-        path = os.path.splitext(path)[0] + '.gif'
-        writer = imageio.get_writer(path, mode='I', duration=100, loop=0)
-    with writer:
-        for frame in frames:
-            writer.append_data(frame)
+    if importlib.util.find_spec('imageio_ffmpeg') is not None:
+        with imageio.get_writer(path, mode='I', fps=10, codec='libx264', bitrate='16M') as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        return path
+    path = os.path.splitext(path)[0] + '.gif'
+    images = [PIL.Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
     return path
 
 
@@ -108,7 +110,7 @@ def main(network_pkl, target_paths, num_steps, seed, class_idx, save_video, vide
     force_fp32 = scripting.use_fp32(device)
     projected = []
     for suffix, target in zip(suffixes, targets):
-        target_tensor = torch.as_tensor(target.transpose(2, 0, 1), device=device)
+        target_tensor = torch.tensor(target.transpose(2, 0, 1), device=device)
         w_steps = []
         with tqdm.tqdm(total=num_steps, desc=f'Projecting{" " + suffix if suffix else ""}', unit='step') as bar:
             for w, dist in projection.project(G, target_tensor, distance, num_steps=num_steps, c=c, seed=seed,
