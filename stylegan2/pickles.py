@@ -24,6 +24,7 @@ from stylegan2 import tf_convert
 from torch_utils import persistence
 
 NETWORK_KEYS = ('G', 'D', 'G_ema')
+_GENERATOR_ARGS = ('z_dim', 'c_dim', 'w_dim', 'img_resolution', 'img_channels', 'mapping_kwargs', 'synthesis_kwargs')
 
 
 class NetworkPickleError(Exception):
@@ -49,7 +50,7 @@ def read_pickle(path_or_url: Any) -> Any:
     """Unpickle a local path, URL (cached download) or binary file object; errors become NetworkPickleError."""
     what = _describe(path_or_url)
     try:
-        f = dnnlib.util.open_url(path_or_url, verbose=False) if isinstance(path_or_url, str) else path_or_url
+        f = dnnlib.util.open_url(path_or_url) if isinstance(path_or_url, str) else path_or_url
     except (OSError, ValueError) as err:
         raise NetworkPickleError(f'{what}: cannot open ({err})') from None
     try:
@@ -196,10 +197,15 @@ def rebuild_as_ours(net: torch.nn.Module, check: bool = True, rtol: float = 1e-4
         raise NetworkPickleError(f'cannot rebuild a {name}: it does not record its constructor arguments')
 
     init_kwargs = net.init_kwargs
+    if name == 'Generator':  # stylegan3's copy of this network takes the synthesis kwargs flattened into G's.
+        flattened = [key for key in init_kwargs if key not in _GENERATOR_ARGS]
+        if flattened:
+            synthesis_kwargs = dnnlib.EasyDict(init_kwargs.get('synthesis_kwargs', {}))
+            synthesis_kwargs.update({key: init_kwargs.pop(key) for key in flattened})
+            init_kwargs.synthesis_kwargs = synthesis_kwargs
     for key, value in kwarg_overrides.items():
-        if name == 'Generator' and key not in init_kwargs:
-            init_kwargs.setdefault('synthesis_kwargs', dnnlib.EasyDict())
-            init_kwargs.synthesis_kwargs = dnnlib.EasyDict(init_kwargs.synthesis_kwargs, **{key: value})
+        if name == 'Generator' and key not in _GENERATOR_ARGS:
+            init_kwargs.synthesis_kwargs = dnnlib.EasyDict(init_kwargs.get('synthesis_kwargs', {}), **{key: value})
         else:
             init_kwargs[key] = value
     try:

@@ -102,6 +102,19 @@ def test_upstream_layout_pickle_loads_and_rebuilds_as_ours(tmp_path):
     assert not any(p.requires_grad for p in G_ours.parameters())  # kept from the loaded network
 
 
+def test_rebuild_accepts_stylegan3_style_flattened_synthesis_kwargs():
+    _, src = foreign_networks_module(uuid.uuid4().hex)
+    old = 'img_channels, mapping_kwargs={}, synthesis_kwargs={}):'
+    assert old in src
+    module = persistence._src_to_module(src.replace(old, 'img_channels, mapping_kwargs={}, **synthesis_kwargs):'))
+    flat = dict(G_KWARGS, **G_KWARGS['synthesis_kwargs'])
+    del flat['synthesis_kwargs']
+    G = randomized(module.Generator(**flat))
+    G_ours = rebuild_as_ours(G)
+    assert G_ours.init_kwargs.synthesis_kwargs.channel_base == 128
+    assert torch.equal(probe_G(G_ours), probe_G(G))
+
+
 def test_rebuild_detects_code_that_behaves_differently():
     module, src = foreign_networks_module(uuid.uuid4().hex)
     changed = src.replace('return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()',
