@@ -122,8 +122,9 @@ def _fill(net: torch.nn.Module, tensors: Dict[str, np.ndarray],
 # ----------------------------------------------------------------------------------------------------------------
 # Generator.
 
-_G_IGNORED = ('truncation_psi', 'truncation_cutoff', 'style_mixing_prob', 'structure', 'conditioning',
-              'fused_modconv')
+# Inference defaults and training-only switches: they do not change the weights or the architecture.
+_G_IGNORED = ('truncation_psi', 'truncation_cutoff', 'truncation_psi_val', 'truncation_cutoff_val',
+              'style_mixing_prob', 'structure', 'conditioning', 'fused_modconv')
 
 
 def generator_kwargs(static_kwargs: dict, architecture: Optional[str] = None) -> dnnlib.EasyDict:
@@ -141,7 +142,8 @@ def generator_kwargs(static_kwargs: dict, architecture: Optional[str] = None) ->
             layer_features=kw('mapping_fmaps', None),
             activation=kw('mapping_nonlinearity', 'lrelu'),
             lr_multiplier=kw('mapping_lrmul', 0.01),
-            w_avg_beta=kw('w_avg_beta', 0.995, none=1),
+            # StyleGAN2 (TF) calls it dlatent_avg_beta, StyleGAN2-ADA (TF) w_avg_beta.
+            w_avg_beta=kw('w_avg_beta', kw('dlatent_avg_beta', 0.995, none=1), none=1),
         ),
         synthesis_kwargs=dnnlib.EasyDict(
             channel_base=kw('fmap_base', 16384) * 2,

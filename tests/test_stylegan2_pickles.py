@@ -342,10 +342,12 @@ def test_tf_generator_with_tolod_names_becomes_orig_architecture(tmp_path, tf_mo
     G = randomized(networks.Generator(**kwargs))
     static = dict(TF_G_STATIC)
     del static['architecture']  # the file does not say 'orig'; the lod names imply it
+    static['dlatent_avg_beta'] = 0.99  # TF StyleGAN2's name for w_avg_beta
     path = str(tmp_path / 'lod.pkl')
     write_tf_pickle(path, tf_generator(G, static, lod_names=True))
     G_loaded = load_network_pkl(path)['G_ema']
     assert G_loaded.synthesis.b16.architecture == 'orig' and not hasattr(G_loaded.synthesis.b8, 'torgb')
+    assert G_loaded.mapping.w_avg_beta == 0.99
     assert torch.allclose(probe_G(G_loaded), probe_G(G), atol=1e-5)
 
 
