@@ -1,0 +1,185 @@
+"""The training engine: exact resume, DDP equivalence (torchrun, gloo), the NaN guard, schedules, snapshots.
+
+Run as a script (`torchrun ... tests/test_ikl_engine.py OUTDIR`) this file is the DDP worker.
+"""
+
+import copy
+import glob
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ikl  # noqa: E402
+from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
+from teachers.analytic import ring8  # noqa: E402
+
+OPTS = dict(total_kimg=0.32, batch=32, batch_gpu=16, g_lr=1e-3, fake_lr=1e-3, lr_warmup_kimg=0.1, ema_halflife_kimg=0.05,
+            sigma_data=1.0, tick_kimg=0.064, snapshot_ticks=1, image_ticks=None, grid_size=16, progress=False,
+            tensorboard=False, seed=3)
+
+
+def _networks():
+    torch.manual_seed(0)
+    return ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2]), ring8(), MLPDenoiser(2, 32, 2, sigma_data=1.0)
+
+
+def _weights(trainer):
+    return {**{f'G.{k}': v for k, v in trainer.adapter.state_dict().items()},
+            **{f'ema.{k}': v for k, v in trainer.ema.state_dict().items()},
+            **{f'fake.{k}': v for k, v in trainer.fake_score.state_dict().items()}}
+
+
+def _state_weights(path):
+    state = torch.load(path, weights_only=False)
+    return {**{f'G.{k}': v for k, v in state['adapter'].items()}, **{f'ema.{k}': v for k, v in state['ema'].items()},
+            **{f'fake.{k}': v for k, v in state['fake_score'].items()}}
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    adapter, teacher, fake = _networks()
+    reference = ikl.train(copy.deepcopy(adapter), teacher, copy.deepcopy(fake), OPTS, str(tmp_path / 'a'))
+    assert reference.cur_nimg == 320
+
+    calls = []
+
+    def interrupting_snapshot(*args):
+        calls.append(1)
+        if len(calls) == 3:  # killed while writing the third snapshot: the latest state is from the second tick
+            raise KeyboardInterrupt
+        return ikl.default_snapshot(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        ikl.train(copy.deepcopy(adapter), teacher, copy.deepcopy(fake), OPTS, str(tmp_path / 'b'), snapshot_fn=interrupting_snapshot)
+    assert os.path.basename(ikl.latest_training_state(str(tmp_path / 'b'))) == 'training-state-000000.pt'
+    assert len(glob.glob(str(tmp_path / 'b' / '*.tmp*'))) == 0
+    # A fresh process would rebuild the networks from scratch (different initial weights) and resume.
+    torch.manual_seed(123)
+    fresh = ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2])
+    resumed = ikl.train(fresh, teacher, MLPDenoiser(2, 32, 2, sigma_data=1.0), OPTS, str(tmp_path / 'b'), resume='auto')
+    assert resumed.cur_nimg == 320 and resumed.iteration == reference.iteration
+    want, got = _weights(reference), _weights(resumed)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert not torch.equal(want['G.G.net.0.weight'], adapter.state_dict()['G.net.0.weight'])  # it did train
+
+
+def _ddp_worker(outdir):
+    from torch_utils import distributed as dist
+    dist.init()
+    adapter, teacher, fake = _networks()
+    ikl.train(adapter, teacher, fake, dict(OPTS, batch_gpu=16, snapshot_ticks=None), outdir)
+
+
+def test_two_processes_match_one(tmp_path):
+    adapter, teacher, fake = _networks()
+    single = ikl.train(adapter, teacher, fake, dict(OPTS, snapshot_ticks=None), str(tmp_path / 'one'))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nnodes=1', '--nproc_per_node=2',
+           os.path.abspath(__file__), str(tmp_path / 'two')]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(ikl.latest_training_state(str(tmp_path / 'two')), weights_only=False)
+    assert state['world_size'] == 2 and state['counters']['cur_nimg'] == 320
+    want, got = _weights(single), _state_weights(ikl.latest_training_state(str(tmp_path / 'two')))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _FlakyTeacher(torch.nn.Module):
+    """Returns NaN on one chosen call, like a numerically unlucky fp16 step."""
+
+    def __init__(self, inner, bad_call):
+        super().__init__()
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+        for attr in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max'):
+            setattr(self, attr, getattr(inner, attr))
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls += 1
+        out = self.inner(x, sigma, class_labels)
+        return out * float('nan') if self.calls == self.bad_call else out
+
+
+def test_nan_guard_skips_bad_step_and_training_continues(tmp_path):
+    adapter, teacher, fake = _networks()
+    flaky = _FlakyTeacher(teacher, bad_call=5)  # 2 rounds per iteration: call 5 is in the third generator step
+    trainer = ikl.Trainer(adapter, flaky, fake, dict(OPTS, lr_warmup_kimg=0), str(tmp_path))
+    before = [p.detach().clone() for p in trainer.g_params]
+    for _ in range(2):
+        trainer.step()
+    after_two = [p.detach().clone() for p in trainer.g_params]
+    trainer.step()  # the poisoned step
+    assert trainer.g_scaler.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(after_two, trainer.g_params))
+    for _ in range(3):
+        trainer.step()
+    assert trainer.g_scaler.skipped == 1
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake_params)
+    assert not all(torch.equal(a, b) for a, b in zip(after_two, trainer.g_params))
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
+
+
+def test_loss_scaler_backs_off_and_grows():
+    scaler = ikl.LossScaler(True, init_scale=1024.0, growth_interval=3)
+    scaler.update(False)
+    assert scaler.scale == 512.0 and scaler.skipped == 1
+    for _ in range(3):
+        scaler.update(True)
+    assert scaler.scale == 1024.0
+    fixed = ikl.LossScaler(False)
+    fixed.update(False)
+    assert fixed.scale == 1.0 and fixed.skipped == 1
+
+
+class _CountingAdapter(ikl.ModuleAdapter):
+    def sample(self, batch_size, generator=None):
+        self.calls = getattr(self, 'calls', 0) + 1
+        self.grad_calls = getattr(self, 'grad_calls', 0) + int(torch.is_grad_enabled())
+        return super().sample(batch_size, generator)
+
+
+@pytest.mark.parametrize('schedule,forwards', [('reuse', 1), ('official', 2)])
+def test_schedule_generator_forwards(tmp_path, schedule, forwards):
+    _, teacher, fake = _networks()
+    adapter = _CountingAdapter(MLPGenerator(2, 2, 32, 2), [2])
+    trainer = ikl.Trainer(adapter, teacher, fake, dict(OPTS, batch_gpu=32, schedule=schedule), str(tmp_path))
+    trainer.step()
+    trainer.step()
+    assert trainer.adapter.calls == 2 * forwards and trainer.adapter.grad_calls == 2
+
+
+def test_snapshot_stats_and_preview(tmp_path):
+    adapter, teacher, fake = _networks()
+    ikl.train(adapter, teacher, fake, dict(OPTS, total_kimg=0.128, image_ticks=2), str(tmp_path))
+    snaps = sorted(glob.glob(str(tmp_path / 'network-snapshot-*.pkl')))
+    assert [os.path.basename(s) for s in snaps] == ['network-snapshot-000000.pkl']  # kimg 0.064 and 0.128 both round to 0
+    with open(snaps[-1], 'rb') as f:
+        data = pickle.load(f)
+    assert set(data) == {'G_ema', 'fake_score'}
+    assert list(data['G_ema'](torch.zeros(3, 2)).shape) == [3, 2]
+    lines = (tmp_path / 'stats.jsonl').read_text().strip().splitlines()
+    assert len(lines) == 2 and '"Loss/fake_score"' in lines[0]
+    assert (tmp_path / 'fakes_init.png').exists() and (tmp_path / 'fakes000000.png').exists()
+
+
+def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path):
+    adapter, teacher, _ = _networks()
+    trainer = ikl.Trainer(adapter, teacher, None, dict(OPTS, divergence='sds'), str(tmp_path))
+    trainer.step()
+    assert trainer.fake_score is None
+    with pytest.raises(ValueError, match='unknown option'):
+        ikl.TrainingOptions.from_dict(dict(batchsize=3))
+    with pytest.raises(ValueError, match='batch=30'):
+        ikl.Trainer(adapter, teacher, None, dict(OPTS, divergence='sds', batch=30), str(tmp_path))
+    with pytest.raises(ValueError, match='needs a fake-score'):
+        ikl.Trainer(adapter, teacher, None, OPTS, str(tmp_path))
+
+
+if __name__ == '__main__':
+    _ddp_worker(sys.argv[1])
