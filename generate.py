@@ -1,7 +1,8 @@
 """Generate images with any generator this toolkit loads.
 
-Handles StyleGAN2(-ADA) pickles (NVIDIA's PyTorch or TensorFlow files, and ours) and EDM-layout diffusion
-pickles (`dict(ema=...)`, sampled with the EDM Heun sampler).
+Handles StyleGAN2(-ADA) pickles (NVIDIA's PyTorch or TensorFlow files, and ours) and EDM-layout pickles
+(`dict(ema=...)`): diffusion models, sampled with the EDM Heun sampler, and one-step students
+(--one-step-sigma).
 
 Examples:
 
@@ -66,6 +67,26 @@ def render_diffusion(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], n
         yield batch_seeds, images.numpy()
 
 
+def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
+    """A one-step student x0 = D(sigma z; sigma, c), z from each seed's own stream (then a random class)."""
+    label_dim = int(getattr(net, 'label_dim', 0) or 0)
+    if opts.class_idx is not None and not (label_dim and 0 <= opts.class_idx < label_dim):
+        raise ValueError(f'--class={opts.class_idx} is out of range for a network with label_dim={label_dim}')
+    for start in range(0, len(seeds), opts.batch):
+        batch_seeds = seeds[start:start + opts.batch]
+        rnd = teachers.sampling.StackedRandomGenerator(opts.device, batch_seeds)
+        z = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution],
+                      device=opts.device)
+        labels = None
+        if label_dim:
+            idx = rnd.randint(label_dim, size=[len(batch_seeds)], device=opts.device)
+            if opts.class_idx is not None:
+                idx[:] = opts.class_idx
+            labels = torch.eye(label_dim, device=opts.device)[idx]
+        sigma = torch.full([len(batch_seeds), 1, 1, 1], opts.one_step_sigma, device=opts.device)
+        yield batch_seeds, scripting.to_uint8(net(z * sigma, sigma, labels).to(torch.float32))
+
+
 def load_renderer(network_pkl: str, opts):
     """(kind, network, render function) for a pickle; a new kind of generator is one more branch here."""
     data = pickles.read_pickle(network_pkl)
@@ -75,7 +96,8 @@ def load_renderer(network_pkl: str, opts):
             net = teacher_from_pickle_data(data, source=network_pkl)
         except TeacherLoadError as err:
             raise pickles.NetworkPickleError(str(err)) from None
-        return kind, net.eval().requires_grad_(False).to(opts.device), render_diffusion
+        render = render_diffusion if opts.one_step_sigma is None else render_one_step
+        return kind, net.eval().requires_grad_(False).to(opts.device), render
     nets = pickles.interpret_network_pkl(data, network_pkl)
     G = nets.get('G_ema', nets.get('G'))
     if G is None:
@@ -122,14 +144,17 @@ def parse_seeds(ctx, param, value):
 @click.option('--batch', help='Images per batch', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--steps', help='Sampler steps (diffusion networks)', type=click.IntRange(min=1), default=18,
               show_default=True)
+@click.option('--one-step-sigma', help='Diffusion-layout networks: sample as a one-step generator '
+              'D(sigma z; sigma) at this sigma (distilled students) instead of with the EDM sampler',
+              type=click.FloatRange(min=0, min_open=True), metavar='FLOAT')
 @click.option('--device', help='Device (default: cuda if available, else cpu)', metavar='STR')
 @click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code is not on the allow-list')
 @click.option('--overwrite', is_flag=True, help='Replace existing images in --outdir')
 @click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
-def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, projected_w, grid, batch, steps, device,
-         refuse_unknown_code, overwrite, outdir):
+def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, projected_w, grid, batch, steps,
+         one_step_sigma, device, refuse_unknown_code, overwrite, outdir):
     opts = dnnlib.EasyDict(trunc=trunc, trunc_cutoff=trunc_cutoff, class_idx=class_idx, noise_mode=noise_mode,
-                           batch=batch, steps=steps,
+                           batch=batch, steps=steps, one_step_sigma=one_step_sigma,
                            device=torch.device(device) if device else scripting.default_device())
     if seeds is None and projected_w is None:
         raise click.UsageError('give --seeds (e.g. --seeds=0-7) or --projected-w')
@@ -146,6 +171,8 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
                                  param_hint='--class')
     if kind == 'diffusion' and (trunc != 1 or projected_w is not None):
         raise click.UsageError('--trunc and --projected-w apply to StyleGAN2 generators only')
+    if kind == 'stylegan2' and one_step_sigma is not None:
+        raise click.UsageError('--one-step-sigma applies to diffusion-layout (ema) networks only')
     os.makedirs(outdir, exist_ok=True)
 
     if projected_w is not None:
