@@ -13,6 +13,8 @@ otherwise the reference"; see `torch_utils.custom_ops`.
 import torch
 import torch.nn.functional as F
 
+from . import _plugin
+
 #----------------------------------------------------------------------------------------------------------------
 # Argument parsing shared with conv2d_resample.
 
@@ -140,9 +142,73 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl='cu
     down = _parse_scaling(down)
     padding = _parse_padding(padding)
     gain = float(gain)
-    if impl not in ('ref', 'cuda'):
-        raise ValueError(f"upfirdn2d: impl must be 'ref' or 'cuda', got {impl!r}")
-    return _upfirdn2d_ref(x, f, up, down, padding, bool(flip_filter), gain)
+    flip_filter = bool(flip_filter)
+    if impl not in ('ref', 'cuda', 'compiled'):
+        raise ValueError(f"upfirdn2d: impl must be 'ref', 'cuda' (compiled when available) or 'compiled', got {impl!r}")
+    if x.numel() > 0 and _plugin.use_compiled(impl, x.device, beneficial=_compiled_is_faster(x, up, down)):
+        if f is None:
+            f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+        fw, fh = _get_filter_size(f)
+        out_w = _output_size(x.shape[3], up[0], down[0], padding[0], padding[1], fw)
+        out_h = _output_size(x.shape[2], up[1], down[1], padding[2], padding[3], fh)
+        if out_w < 1 or out_h < 1:
+            raise ValueError(f'upfirdn2d: empty output ({out_h}x{out_w}) for input {list(x.shape[2:])}, filter '
+                             f'{fh}x{fw}, up {up}, down {down}, padding {padding}')
+        return _Upfirdn2dCompiled.apply(x, f, (up, down, padding, flip_filter, gain))
+    return _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
+
+#----------------------------------------------------------------------------------------------------------------
+# Compiled path. The gradient of upfirdn2d is again an upfirdn2d (its adjoint: up and down swap, the filter is
+# mirrored, the padding is re-centred), so the autograd Function calls itself and is differentiable to any order.
+
+def _compiled_is_faster(x, up, down):
+    """Where the compiled kernel beats the reference by default (measured by bench/ops.py).
+
+    On CPU the reference is a zero-inserting depthwise convolution that also computes the samples downsampling
+    throws away; the polyphase kernel skips both, so it wins when there is resampling (and the tensor is large
+    enough to amortise the call). Pure filtering is the reference's best case and stays with it. On CUDA the
+    kernel is always used, as upstream does.
+    """
+    if x.device.type == 'cuda':
+        return True
+    return (max(up) > 1 or max(down) > 1) and x.numel() >= _plugin.MIN_CPU_NUMEL
+
+
+def _run_kernel(x, f, up, down, padding, flip_filter, gain):
+    x = x.contiguous()
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = f.to(device=x.device, dtype=acc_dtype)
+    if not flip_filter:  # The kernel correlates; a true convolution needs the mirrored filter.
+        g = g.flip(list(range(g.ndim)))
+    (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
+    if g.ndim == 2:
+        return torch.ops.toolkit_ops.upfirdn2d(x, (g * gain).contiguous(), upx, upy, downx, downy, px0, px1, py0, py1)
+    g = g * (gain ** 0.5)
+    x = torch.ops.toolkit_ops.upfirdn2d(x, g.reshape(1, -1).contiguous(), upx, 1, downx, 1, px0, px1, 0, 0)
+    return torch.ops.toolkit_ops.upfirdn2d(x, g.reshape(-1, 1).contiguous(), 1, upy, 1, downy, 0, 0, py0, py1)
+
+
+def _adjoint_padding(in_size, out_size, up, down, pad0, taps):
+    return taps - 1 - pad0, in_size * up - out_size * down + pad0 - up + 1
+
+
+class _Upfirdn2dCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, cfg):
+        ctx.save_for_backward(f)
+        ctx.cfg = cfg
+        ctx.in_shape = x.shape
+        return _run_kernel(x, f, *cfg)
+
+    @staticmethod
+    def backward(ctx, dy):
+        f, = ctx.saved_tensors
+        (upx, upy), (downx, downy), (px0, px1, py0, py1), flip_filter, gain = ctx.cfg
+        fw, fh = _get_filter_size(f)
+        ax0, ax1 = _adjoint_padding(ctx.in_shape[3], dy.shape[3], upx, downx, px0, fw)
+        ay0, ay1 = _adjoint_padding(ctx.in_shape[2], dy.shape[2], upy, downy, py0, fh)
+        cfg = ((downx, downy), (upx, upy), (ax0, ax1, ay0, ay1), not flip_filter, gain)
+        return _Upfirdn2dCompiled.apply(dy, f, cfg), None, None
 
 #----------------------------------------------------------------------------------------------------------------
 # Same-size filtering and 2x-style resampling, built on upfirdn2d with the padding that centres the filter.

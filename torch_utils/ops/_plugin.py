@@ -1,0 +1,82 @@
+"""The compiled kernels behind bias_act and upfirdn2d, and the rule for when an op call uses them.
+
+One extension, `toolkit_ops`, registers `torch.ops.toolkit_ops.{bias_act, upfirdn2d}` with a CPU kernel and, when
+built with CUDA, a CUDA kernel; PyTorch's dispatcher then picks the kernel by tensor device. It is built on first
+use (never at import) and cached; see torch_utils.custom_ops for the build policy and the TOOLKIT_OPS_IMPL switch.
+"""
+
+import os
+
+import torch
+
+from .. import custom_ops
+
+MODULE_NAME = 'toolkit_ops'
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+HEADERS = ['common.h', 'bias_act_math.h', 'upfirdn2d_math.h', 'ops.h']
+CPU_SOURCES = ['ops.cpp']
+CUDA_SOURCES = ['ops_cuda.cu']
+
+# Below this many elements the Python/autograd overhead of calling a kernel outweighs what it saves on CPU.
+MIN_CPU_NUMEL = 1 << 16
+
+_covered_devices = None  # Device types with a loaded kernel; empty after a failed build; None before trying.
+
+
+def cuda_toolkit_usable():
+    """A CUDA build makes sense: torch has CUDA, a GPU is visible and a toolkit (nvcc) was found."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    import torch.utils.cpp_extension as cpp_extension
+    return cpp_extension.CUDA_HOME is not None
+
+
+def build_kwargs(device_kind, extra_include_paths=()):
+    """The sources and compiler options of the extension for 'cpu' or 'cuda'."""
+    # Without FP-exception and errno semantics (nothing here relies on them) GCC may if-convert selects such as
+    # leaky ReLU and vectorise the loops; unlike -ffast-math, this keeps IEEE results (NaN, inf, rounding).
+    kwargs = dict(sources=CPU_SOURCES, headers=HEADERS, source_dir=SOURCE_DIR, is_python_module=False,
+                  extra_cflags=['-O3', '-fno-trapping-math', '-fno-math-errno'],
+                  extra_include_paths=list(extra_include_paths))
+    if device_kind == 'cuda':
+        # No --use_fast_math: the CUDA kernels must compute the same math as the tested CPU kernels.
+        kwargs.update(sources=CPU_SOURCES + CUDA_SOURCES, extra_cuda_cflags=['-O3'], with_cuda=True)
+    return kwargs
+
+
+def covered_devices(required):
+    """Device types the compiled kernels serve in this process; builds on the first call.
+
+    With `required`, a build failure raises BuildError; otherwise it warns once and nothing is covered.
+    """
+    global _covered_devices
+    if _covered_devices is None or (required and not _covered_devices):
+        kind = 'cuda' if cuda_toolkit_usable() else 'cpu'
+        loader = custom_ops.get_plugin if required else custom_ops.try_get_plugin
+        loaded = loader(MODULE_NAME, **build_kwargs(kind))
+        _covered_devices = frozenset() if loaded is None else frozenset(['cpu', kind])
+    return _covered_devices
+
+
+def use_compiled(impl, device, beneficial=True):
+    """Whether an op call with this `impl` on this device runs the compiled kernel.
+
+    impl='ref' never does; impl='compiled' must (raises if impossible). The default impl='cuda' follows
+    TOOLKIT_OPS_IMPL: 'ref' never, 'compiled' wherever a kernel exists, 'auto' where a kernel exists and the
+    caller says it is `beneficial` (the benchmark bench/ops.py is the evidence for that rule).
+    """
+    if impl == 'ref':
+        return False
+    mode = custom_ops.impl_mode()
+    if impl == 'cuda' and (mode == 'ref' or (mode == 'auto' and not beneficial)):
+        return False
+    if device.type not in ('cpu', 'cuda'):
+        if impl == 'compiled':
+            raise RuntimeError(f'No compiled kernel exists for device type {device.type!r}; use impl="ref"')
+        return False
+    required = impl == 'compiled' or mode == 'compiled'
+    if device.type in covered_devices(required):
+        return True
+    if impl == 'compiled':
+        raise RuntimeError(f'The compiled ops were built without {device.type} support (no usable CUDA toolkit)')
+    return False
