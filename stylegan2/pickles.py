@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -259,12 +260,22 @@ def save_network_pkl(path: str, G: Optional[torch.nn.Module] = None, D: Optional
     """Write upstream's snapshot layout `dict(G, D, G_ema, augment_pipe, training_set_kwargs)` atomically.
 
     The file appears complete or not at all (written to a temporary file, then renamed). An existing file is
-    kept unless `overwrite`. `extra` adds further keys (upstream tools ignore unknown keys).
+    kept unless `overwrite`. `extra` adds further keys (upstream tools ignore unknown keys). NVIDIA's loader
+    requires all of G, D and G_ema: a missing G is filled with G_ema, and a missing D draws a warning.
     """
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f'{path} already exists; refusing to overwrite it')
+    if G is None:
+        G = G_ema
+    if D is None or G_ema is None:
+        warnings.warn(f'{path}: written without {"D" if D is None else "G_ema"}; NVIDIA\'s legacy.load_network_pkl '
+                      f'requires G, D and G_ema, so its tools will not load this file')
     data = dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe, training_set_kwargs=training_set_kwargs, **extra)
-    data = {key: _export_copy(value, key) for key, value in data.items()}
+    copies = {}  # The same object under two keys is stored once.
+    for key, value in data.items():
+        if id(value) not in copies:
+            copies[id(value)] = _export_copy(value, key)
+        data[key] = copies[id(value)]
     buffer = io.BytesIO()
     pickle.dump(data, buffer, protocol=4)
 

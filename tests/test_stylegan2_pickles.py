@@ -148,16 +148,19 @@ def test_export_reload_round_trip(tmp_path):
     assert rebuild_as_ours(loaded['G_ema']) is loaded['G_ema']  # same source: already our class
 
     with pytest.raises(FileExistsError):
-        save_network_pkl(path, G_ema=G)
+        save_network_pkl(path, G_ema=G, D=D)
     with pytest.raises(NetworkPickleError, match='not a persistent class'):
-        save_network_pkl(str(tmp_path / 'bad.pkl'), G_ema=torch.nn.Linear(2, 2))
+        save_network_pkl(str(tmp_path / 'bad.pkl'), G_ema=G, D=torch.nn.Linear(2, 2))
 
 
 def test_force_fp16_rebuilds_with_fp16_resolutions(tmp_path):
     G = randomized(networks.Generator(**G_KWARGS))
     path = str(tmp_path / 'g.pkl')
-    save_network_pkl(path, G_ema=G)
-    G16 = load_network_pkl(path, force_fp16=True)['G_ema']
+    with pytest.warns(UserWarning, match='without D'):  # upstream's loader needs D too
+        save_network_pkl(path, G_ema=G)
+    data = load_network_pkl(path, force_fp16=True)
+    assert 'D' not in data and torch.equal(probe_G(data['G']), probe_G(G))  # G filled with G_ema
+    G16 = data['G_ema']
     assert G16.init_kwargs.synthesis_kwargs.num_fp16_res == 4 and G16.synthesis.b16.use_fp16
     assert G16.synthesis.b16.conv1.conv_clamp == 256
     assert torch.allclose(probe_G(G16), probe_G(G), atol=1e-6)  # on CPU fp16 blocks run in fp32
