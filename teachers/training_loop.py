@@ -1,0 +1,292 @@
+"""Training an EDM teacher: denoising score matching with EDM's loss and preconditioning, an EMA of the weights,
+upstream-layout snapshots `dict(ema, loss_fn, augment_pipe, dataset_kwargs)`, and exactly resumable state.
+
+Built for CPUs as much as GPUs: the dataset is held in memory as uint8 and batches are indexed from it (no
+loader processes, no per-step host syncs), and every random draw comes from state that is checkpointed (the
+global torch RNG for noise levels, noise and dropout; a separate generator for the data order), so a resumed
+run continues bit for bit as if it had not stopped.
+"""
+
+import copy
+import glob
+import json
+import os
+import pickle
+import re
+import signal
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+import dnnlib
+from torch_utils import training_stats
+
+from .sampling import StackedRandomGenerator, edm_sampler, image_grid, to_uint8
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order.
+
+
+class EpochSampler:
+    """Batches of indices from successive random permutations; its whole state can be saved and restored."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, device=torch.device('cpu')):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.order = torch.randperm(num_items, generator=self.generator)
+        self.pos = 0
+
+    def next_batch(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need > 0:
+            if self.pos == self.num_items:
+                self.order = torch.randperm(self.num_items, generator=self.generator)
+                self.pos = 0
+            take = min(need, self.num_items - self.pos)
+            parts.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        return torch.cat(parts).to(self.device)
+
+    def draw_flips(self) -> torch.Tensor:
+        return (torch.rand([self.batch_size], generator=self.generator) < 0.5).to(self.device)
+
+    def state_dict(self) -> dict:
+        return dict(generator=self.generator.get_state(), order=self.order.clone(), pos=self.pos)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state['generator'])
+        self.order = state['order'].clone()
+        self.pos = int(state['pos'])
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files of a run.
+
+
+def kimg_label(nimg: int) -> str:
+    """`000123` for whole kimg (upstream file names); `000000.032` when a snapshot falls between kimg."""
+    return f'{nimg // 1000:06d}' if nimg % 1000 == 0 else f'{nimg / 1000:010.3f}'
+
+
+def latest_training_state(path: str) -> str:
+    """A training-state file itself, or the newest one in a run directory."""
+    if os.path.isdir(path):
+        states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')),
+                        key=lambda p: float(re.search(r'training-state-([\d.]+)\.pt$', p).group(1)))
+        if not states:
+            raise FileNotFoundError(f'--resume {path}: no training-state-*.pt in this directory')
+        return states[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume {path}: no such file or run directory')
+    return path
+
+
+def save_grid(images_uint8: torch.Tensor, path: str, grid_w: int) -> None:
+    grid = image_grid(images_uint8.numpy(), grid_w)
+    PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid, 'L' if grid.shape[2] == 1 else 'RGB').save(path)
+
+
+@torch.no_grad()
+def sample_grid(net, num_images: int, label_dim: int, num_steps: int, device) -> torch.Tensor:
+    """uint8 NHWC samples of the EMA for fixed seeds 0..n-1 (classes cycling), without touching the global RNG."""
+    seeds = list(range(num_images))
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = torch.eye(label_dim, device=device)[torch.arange(num_images, device=device) % label_dim] if label_dim else None
+    return to_uint8(edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps))
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_loop(
+    run_dir: str,                       # Output directory (exists, ours alone).
+    dataset_kwargs: dict,               # ImageFolderDataset options (class_name recorded for upstream).
+    network_kwargs: dict,               # class_name + preconditioner / U-Net options.
+    loss_kwargs: dict,                  # class_name + loss options.
+    optimizer_kwargs: dict,             # class_name + optimizer options (lr is the peak rate).
+    batch_size: int = 512,
+    total_kimg: float = 200000,
+    ema_halflife_kimg: float = 500,
+    ema_rampup_ratio: Optional[float] = 0.05,
+    lr_rampup_kimg: float = 10000,
+    loss_scaling: float = 1,
+    xflip: bool = False,                # Random horizontal flips of training images.
+    kimg_per_tick: float = 50,
+    snapshot_ticks: Optional[int] = 50,
+    state_ticks: Optional[int] = None,  # Defaults to snapshot_ticks.
+    grid_size: int = 64,                # Images in the sample grid at each snapshot (0: none).
+    grid_steps: int = 18,
+    seed: int = 0,
+    resume_state: Optional[str] = None,  # training-state-*.pt to continue from.
+    device: str = 'cpu',
+    progress: bool = True,
+) -> dict:
+    """Train and return the final `dict(ema=..., ...)` snapshot content."""
+    device = torch.device(device)
+    state_ticks = state_ticks if state_ticks is not None else snapshot_ticks
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 31))
+
+    def log(message: str) -> None:
+        tqdm.write(message)
+        with open(os.path.join(run_dir, 'log.txt'), 'a', encoding='utf-8') as f:
+            f.write(message + '\n')
+
+    # Data, held in memory.
+    dataset = dnnlib.util.construct_class_by_name(**dict(dataset_kwargs, xflip=False))
+    images_u8, labels_np = dataset.load_all()
+    images_u8 = torch.from_numpy(images_u8).to(device)
+    labels = torch.from_numpy(labels_np).to(device) if dataset.label_dim else None
+    label_dim = dataset.label_dim if dataset_kwargs.get('use_labels') else 0
+    log(f'Dataset {dataset_kwargs["path"]}: {len(dataset)} images {dataset.image_shape}, label_dim {label_dim}, '
+        f'{images_u8.numel() / 2 ** 20:.1f} MiB in memory')
+    sampler = EpochSampler(len(dataset), batch_size, seed=seed, device=device)
+
+    # Networks, loss, optimizer.
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=label_dim)
+    net.train().requires_grad_(True).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    base_lrs = [group['lr'] for group in optimizer.param_groups]
+    log(f'Network {type(net).__name__}({network_kwargs.get("model_type")}): '
+        f'{sum(p.numel() for p in net.parameters()):,} parameters')
+
+    cur_nimg, cur_tick = 0, 0
+    if resume_state is not None:
+        state = torch.load(resume_state, map_location=device, weights_only=True)
+        try:
+            net.load_state_dict(state['net'])
+            ema.load_state_dict(state['ema'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f'--resume {resume_state}: does not match this network/optimizer '
+                             f'({" ".join(str(err).split())[:300]})') from None
+        sampler.load_state_dict(state['sampler'])
+        torch.set_rng_state(state['torch_rng'])
+        if device.type == 'cuda' and state.get('cuda_rng') is not None:
+            torch.cuda.set_rng_state(state['cuda_rng'], device)
+        cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+        log(f'Resumed from {resume_state} at {cur_nimg / 1000:g} kimg')
+
+    def snapshot_data() -> dict:
+        return dict(ema=copy.deepcopy(ema).cpu(), loss_fn=copy.deepcopy(loss_fn), augment_pipe=None,
+                    dataset_kwargs=dict(dataset_kwargs))
+
+    def save_snapshot() -> None:
+        label = kimg_label(cur_nimg)
+        with open(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), 'wb') as f:
+            pickle.dump(snapshot_data(), f)
+        if grid_size > 0:
+            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                fakes = sample_grid(ema, grid_size, label_dim, grid_steps, device)
+            save_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_w=int(np.ceil(np.sqrt(grid_size))))
+
+    def save_state() -> None:
+        state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                     sampler=sampler.state_dict(), torch_rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
+                     cur_nimg=cur_nimg, cur_tick=cur_tick)
+        path = os.path.join(run_dir, f'training-state-{kimg_label(cur_nimg)}.pt')
+        torch.save(state, path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+    if grid_size > 0 and resume_state is None:
+        reals = images_u8[:grid_size].permute(0, 2, 3, 1).cpu()
+        save_grid(reals, os.path.join(run_dir, 'reals.png'), grid_w=int(np.ceil(np.sqrt(grid_size))))
+
+    # Ctrl-C finishes the current step, then saves everything (a second Ctrl-C aborts at once).
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        signal.signal(signal.SIGINT, previous_handler)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+
+    collector = training_stats.Collector(regex='.*')
+    total_nimg = int(round(total_kimg * 1000))
+    tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
+    if resume_state is None and snapshot_ticks:
+        save_snapshot()
+    stats_path = os.path.join(run_dir, 'stats.jsonl')
+    bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', unit_scale=True, desc='train_teacher',
+               disable=not progress, mininterval=1.0, smoothing=0.1)
+    try:
+        while True:
+            done = cur_nimg >= total_nimg or bool(stop_requested)
+            if not done:
+                # One optimisation step on a batch held in memory.
+                idx = sampler.next_batch()
+                images = images_u8[idx].to(torch.float32).div_(127.5).sub_(1)
+                if xflip:
+                    flips = sampler.draw_flips()
+                    images = torch.where(flips[:, None, None, None], images.flip(3), images)
+                batch_labels = labels[idx] if label_dim else None
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(net=net, images=images, labels=batch_labels)
+                training_stats.report('Loss/loss', loss)
+                loss.sum().mul(loss_scaling / batch_size).backward()
+
+                ramp = min(cur_nimg / (lr_rampup_kimg * 1000), 1) if lr_rampup_kimg > 0 else 1
+                for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                    group['lr'] = base_lr * ramp
+                for param in net.parameters():
+                    if param.grad is not None:
+                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+                optimizer.step()
+
+                ema_halflife_nimg = ema_halflife_kimg * 1000
+                if ema_rampup_ratio is not None:
+                    ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+                ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+                with torch.no_grad():
+                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+
+                cur_nimg += batch_size
+                bar.update(min(cur_nimg, total_nimg) - bar.n)
+                done = cur_nimg >= total_nimg or bool(stop_requested)
+                if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+                    continue
+
+            # End of a tick: statistics, then snapshots.
+            now = time.time()
+            tick_kimg = (cur_nimg - tick_start_nimg) / 1000
+            sec_per_kimg = (now - tick_start_time) / max(tick_kimg, 1e-8)
+            training_stats.report0('Progress/tick', cur_tick)
+            training_stats.report0('Progress/kimg', cur_nimg / 1000)
+            training_stats.report0('Timing/sec_per_tick', now - tick_start_time)
+            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/total_sec', now - start_time)
+            collector.update()
+            loss_mean = collector.mean('Loss/loss')
+            log(f'tick {cur_tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {loss_mean:<8.4f} sec/kimg {sec_per_kimg:<8.2f} '
+                f'time {dnnlib.util.format_time(now - start_time)}')
+            bar.set_postfix(loss=f'{loss_mean:.4f}', tick=cur_tick)
+            with open(stats_path, 'a', encoding='utf-8') as f:
+                f.write(json.dumps(dict(collector.as_dict(), timestamp=now)) + '\n')
+
+            cur_tick += 1
+            if snapshot_ticks and (done or cur_tick % snapshot_ticks == 0):
+                save_snapshot()
+            if state_ticks and (done or cur_tick % state_ticks == 0):
+                save_state()
+            tick_start_nimg, tick_start_time = cur_nimg, time.time()
+            if done:
+                break
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
+    if stop_requested:
+        log(f'Stopped at {cur_nimg / 1000:g} kimg; resume with --resume={run_dir}')
+    return snapshot_data()
