@@ -238,3 +238,14 @@ def test_embedded_source_uses_only_upstream_available_names():
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in allowed:
             assert node.attr in allowed[node.value.id], f'{node.value.id}.{node.attr} is not in upstream torch_utils'
     assert os.path.basename(networks.__file__) == 'networks.py'
+
+
+def test_modulated_conv2d_half_precision_prenormalisation():
+    """The fp16 path rescales weight and styles before demodulation; the result must not change beyond rounding."""
+    torch.manual_seed(5)
+    x, weight, styles = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3) * 30, torch.randn(2, 4) * 500
+    reference = networks.modulated_conv2d(x, weight, styles, padding=1, fused_modconv=False)
+    for fused in (True, False):
+        half = networks.modulated_conv2d(x.half(), weight, styles, padding=1, fused_modconv=fused)
+        assert half.dtype == torch.float16
+        assert torch.allclose(half.float(), reference, atol=2e-2, rtol=1e-2)
