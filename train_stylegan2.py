@@ -1,0 +1,250 @@
+"""Train a small StyleGAN2 generator on a dataset ZIP: non-saturating loss, lazy R1, EMA, our Discriminator.
+
+A compact trainer for the generators this toolkit refines (e.g. the shipped Fashion-MNIST model), on CPU or one
+GPU. Snapshots are upstream-layout pickles `dict(G, D, G_ema, augment_pipe, training_set_kwargs)` that upstream
+stylegan2-ada-pytorch tools load; `--resume=<run dir>` continues exactly where the run stopped.
+"""
+
+import copy
+import json
+import os
+import re
+import time
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dnnlib
+from ikl.images import save_image_grid
+from stylegan2 import networks
+from stylegan2.loss import StyleGAN2Loss
+from stylegan2.pickles import save_network_pkl
+from teachers.training_loop import EpochSampler, kimg_label, latest_training_state
+from torch_utils import training_stats
+
+G_REG_INTERVAL = 4    # Lazy path-length regularisation (upstream default).
+D_REG_INTERVAL = 16   # Lazy R1 (upstream default).
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_networks(c: dnnlib.EasyDict, resolution: int, channels: int, c_dim: int):
+    """G and D of the configured size; kwargs mirror upstream's so `init_kwargs` rebuild them anywhere."""
+    G = networks.Generator(z_dim=c.z_dim, c_dim=c_dim, w_dim=c.z_dim, img_resolution=resolution, img_channels=channels,
+                           mapping_kwargs=dict(num_layers=c.map),
+                           synthesis_kwargs=dict(channel_base=c.cbase, channel_max=c.cmax, num_fp16_res=0,
+                                                 conv_clamp=None, architecture='skip'))
+    D = networks.Discriminator(c_dim=c_dim, img_resolution=resolution, img_channels=channels, architecture=c.d_arch,
+                               channel_base=c.cbase, channel_max=c.cmax, num_fp16_res=0, conv_clamp=None,
+                               epilogue_kwargs=dict(mbstd_group_size=c.mbstd))
+    return G, D
+
+
+def phase_optimizer(module: torch.nn.Module, lr: float, reg_interval: int) -> torch.optim.Adam:
+    """Adam with upstream's lazy-regularisation correction: lr and betas rescaled by I/(I+1)."""
+    ratio = reg_interval / (reg_interval + 1)
+    return torch.optim.Adam(module.parameters(), lr=lr * ratio, betas=(0 ** ratio, 0.99 ** ratio), eps=1e-8)
+
+
+def iteration_generator(seed: int, iteration: int, device: torch.device) -> torch.Generator:
+    """The random stream of one iteration, derived from (seed, iteration) so a resumed run draws the same numbers.
+    Also reseeds the global RNG, which the synthesis noise inputs use."""
+    words = np.random.SeedSequence([seed, iteration]).generate_state(2, np.uint32)
+    value = (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
+    torch.manual_seed(value)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) -> None:
+    device = torch.device(c.device)
+    dataset = dnnlib.util.construct_class_by_name(**c.training_set_kwargs)
+    images_u8, labels_np = dataset.load_all()
+    images_u8 = torch.from_numpy(images_u8).to(device)
+    c_dim = dataset.label_dim if c.cond else 0
+    labels = torch.from_numpy(labels_np).to(device) if c_dim else torch.zeros([len(dataset), 0], device=device)
+
+    G, D = build_networks(c, dataset.resolution, dataset.num_channels, c_dim)
+    G, D = G.to(device).train(), D.to(device).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    loss = StyleGAN2Loss(G, D, r1_gamma=c.gamma, pl_weight=c.pl_weight, style_mixing_prob=c.style_mixing,
+                         device=device)
+    phases = [('G', 'Gmain', 1), ('G', 'Greg', G_REG_INTERVAL), ('D', 'Dmain', 1), ('D', 'Dreg', D_REG_INTERVAL)]
+    if c.pl_weight == 0:
+        phases = [p for p in phases if p[1] != 'Greg']
+    opts = dict(G=phase_optimizer(G, c.glr, G_REG_INTERVAL), D=phase_optimizer(D, c.dlr, D_REG_INTERVAL))
+    sampler = EpochSampler(len(dataset), c.batch, seed=c.seed, device=device)
+
+    cur_nimg, cur_tick, iteration = 0, 0, 0
+    if resume_state is not None:
+        state = torch.load(resume_state, map_location=device, weights_only=True)
+        for name, module in dict(G=G, D=D, G_ema=G_ema).items():
+            module.load_state_dict(state[name])
+        for name, opt in opts.items():
+            opt.load_state_dict(state[f'opt_{name}'])
+        sampler.load_state_dict(state['sampler'])
+        loss.pl_mean.copy_(state['pl_mean'])
+        cur_nimg, cur_tick, iteration = int(state['cur_nimg']), int(state['cur_tick']), int(state['iteration'])
+        print(f'Resumed from {resume_state} at {cur_nimg / 1000:g} kimg')
+
+    # Fixed latents for the grids, so successive grids show the same samples.
+    grid_gen = torch.Generator(device=device).manual_seed(c.seed + 12345)
+    grid_z = torch.randn([c.grid, G.z_dim], generator=grid_gen, device=device)
+    grid_c = labels[torch.randint(len(dataset), [c.grid], generator=grid_gen, device=device)]
+    grid_w = int(np.ceil(np.sqrt(c.grid)))
+
+    def save_snapshot():
+        label = kimg_label(cur_nimg)
+        save_network_pkl(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), G=G, D=D, G_ema=G_ema,
+                         training_set_kwargs=dict(c.training_set_kwargs), overwrite=True)
+        with torch.no_grad():
+            fakes = G_ema(grid_z, grid_c, noise_mode='const', force_fp32=True)
+        save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_size=(grid_w, grid_w))
+        state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), sampler=sampler.state_dict(),
+                     pl_mean=loss.pl_mean, cur_nimg=cur_nimg, cur_tick=cur_tick, iteration=iteration,
+                     **{f'opt_{name}': opt.state_dict() for name, opt in opts.items()})
+        path = os.path.join(run_dir, f'training-state-{label}.pt')
+        torch.save(state, path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+    if resume_state is None:
+        save_image_grid(images_u8[:c.grid].float() / 127.5 - 1, os.path.join(run_dir, 'reals.png'),
+                        grid_size=(grid_w, grid_w))
+        save_snapshot()
+
+    collector = training_stats.Collector(regex='.*')
+    total_nimg = int(round(c.kimg * 1000))
+    tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
+    bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', unit_scale=True,
+               desc='train_stylegan2', mininterval=1.0, disable=not c.progress)
+    while cur_nimg < total_nimg:
+        gen = iteration_generator(c.seed, iteration, device)
+        idx = sampler.next_batch()
+        real_img = images_u8[idx].to(torch.float32) / 127.5 - 1
+        real_c = labels[idx]
+        for net_name, phase, interval in phases:
+            if iteration % interval != 0:
+                continue
+            G.requires_grad_(net_name == 'G')
+            D.requires_grad_(net_name == 'D')
+            module, opt = (G if net_name == 'G' else D), opts[net_name]
+            opt.zero_grad(set_to_none=True)
+            gen_z = torch.randn([c.batch, G.z_dim], generator=gen, device=device)
+            gen_c = labels[torch.randint(len(dataset), [c.batch], generator=gen, device=device)]
+            loss.accumulate_gradients(phase, real_img, real_c, gen_z, gen_c, gain=interval, generator=gen)
+            for param in module.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            opt.step()
+
+        # EMA of G's parameters; buffers (w_avg, noise_const) are copied.
+        ema_nimg = c.ema_kimg * 1000
+        if c.ema_rampup is not None:
+            ema_nimg = min(ema_nimg, cur_nimg * c.ema_rampup)
+        beta = 0.5 ** (c.batch / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+
+        cur_nimg += c.batch
+        iteration += 1
+        bar.update(min(cur_nimg, total_nimg) - bar.n)
+        if cur_nimg < total_nimg and cur_nimg < tick_start_nimg + c.tick * 1000:
+            continue
+
+        # End of a tick.
+        now = time.time()
+        training_stats.report0('Progress/kimg', cur_nimg / 1000)
+        training_stats.report0('Timing/sec_per_kimg', (now - tick_start_time) / max((cur_nimg - tick_start_nimg) / 1000, 1e-8))
+        collector.update()
+        stats = collector.as_dict()
+        with open(os.path.join(run_dir, 'stats.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(dict(stats, timestamp=now)) + '\n')
+        bar.set_postfix(G=f"{collector.mean('Loss/G/loss'):.3f}", D=f"{collector.mean('Loss/D/loss'):.3f}")
+        tqdm.write(f'tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} G {collector.mean("Loss/G/loss"):.3f} '
+                   f'D {collector.mean("Loss/D/loss"):.3f} time {dnnlib.util.format_time(now - start_time)}')
+        cur_tick += 1
+        if cur_nimg >= total_nimg or cur_tick % c.snap == 0:
+            save_snapshot()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    bar.close()
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def next_run_dir(outdir: str, desc: str) -> str:
+    """`outdir/NNNNN-desc`, numbered after the existing runs; never an existing directory."""
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else []))
+           if m]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+@click.command(epilog='''\b
+Examples:
+  # The shipped Fashion-MNIST generator (32x32, class-conditional, ~30 min on 2 CPU cores):
+  python train_stylegan2.py --data=fmnist-32x32.zip --outdir=runs --cond=1 --kimg=150
+  # Continue a stopped run exactly:
+  python train_stylegan2.py --resume=runs/00000-fmnist-32x32-cond''')
+@click.option('--data', type=click.Path(exists=True, dir_okay=True), help='Dataset ZIP or folder (dataset_tool.py)')
+@click.option('--outdir', type=click.Path(file_okay=False), default='runs', show_default=True, help='Where run directories go')
+@click.option('--resume', type=click.Path(exists=True), help='Run directory (or training-state file) to continue')
+@click.option('--cond', type=bool, default=False, show_default=True, help='Class-conditional (needs dataset labels)')
+@click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=150, show_default=True, help='Training duration')
+@click.option('--batch', type=click.IntRange(min=1), default=32, show_default=True, help='Batch size')
+@click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='G learning rate')
+@click.option('--dlr', type=click.FloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='D learning rate')
+@click.option('--gamma', type=click.FloatRange(min=0), default=0.1, show_default=True, help='R1 weight')
+@click.option('--pl-weight', type=click.FloatRange(min=0), default=0.0, show_default=True, help='Path-length weight')
+@click.option('--style-mixing', type=click.FloatRange(min=0, max=1), default=0.0, show_default=True, help='Style-mixing probability')
+@click.option('--ema-kimg', type=click.FloatRange(min=0), default=10.0, show_default=True, help='EMA half-life of G_ema')
+@click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio')
+@click.option('--z-dim', type=click.IntRange(min=1), default=64, show_default=True, help='Latent size (also w size)')
+@click.option('--map', type=click.IntRange(min=1), default=2, show_default=True, help='Mapping layers')
+@click.option('--cbase', type=click.IntRange(min=1), default=2048, show_default=True, help='Channel base')
+@click.option('--cmax', type=click.IntRange(min=1), default=64, show_default=True, help='Max channels per layer')
+@click.option('--d-arch', type=click.Choice(['orig', 'skip', 'resnet']), default='resnet', show_default=True, help='D architecture')
+@click.option('--mbstd', type=click.IntRange(min=1), default=4, show_default=True, help='Minibatch-std group size')
+@click.option('--tick', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick')
+@click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot')
+@click.option('--grid', type=click.IntRange(min=1), default=64, show_default=True, help='Images in the sample grids')
+@click.option('--seed', type=int, default=0, show_default=True, help='Random seed')
+@click.option('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option('--threads', type=click.IntRange(min=0), default=0, help='CPU threads (0: torch default)')
+@click.option('--dry-run', is_flag=True, help='Print the options and exit')
+def main(data, outdir, resume, dry_run, threads, **kwargs):
+    """Train a StyleGAN2 generator (and discriminator) on a dataset made by dataset_tool.py."""
+    if resume:
+        run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume)
+        with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
+            c = dnnlib.EasyDict(json.load(f))
+        try:
+            resume_state = latest_training_state(resume)
+        except FileNotFoundError as err:
+            raise click.ClickException(str(err)) from None
+    else:
+        if data is None:
+            raise click.UsageError('--data is required (or --resume to continue a run)')
+        c = dnnlib.EasyDict(kwargs)
+        c.training_set_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
+                                     use_labels=kwargs['cond'], max_size=None, xflip=False)
+        c.progress = True
+        desc = os.path.splitext(os.path.basename(os.path.normpath(data)))[0] + ('-cond' if kwargs['cond'] else '')
+        run_dir, resume_state = next_run_dir(outdir, desc), None
+    print(json.dumps(c, indent=2))
+    if dry_run:
+        return
+    if threads:
+        torch.set_num_threads(threads)
+    if resume_state is None:
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
+            json.dump(c, f, indent=2)
+    print(f'Run directory: {run_dir}')
+    training_loop(run_dir, c, resume_state)
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
