@@ -60,9 +60,7 @@ def read_pickle(path_or_url: Any) -> Any:
             raise NetworkPickleError(f'{what}: this is a torch.save() archive (e.g. a state dict), not a network '
                                      f'pickle; expected a .pkl written by a StyleGAN2/EDM training run')
         return _LegacyUnpickler(f).load()
-    except NetworkPickleError:
-        raise
-    except MemoryError:
+    except (NetworkPickleError, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 -- any failure inside unpickling is reported as one line.
         raise NetworkPickleError(f'{what}: not a loadable network pickle ({type(err).__name__}: {err})') from None
@@ -160,7 +158,7 @@ def _probe_outputs(net: torch.nn.Module, seed: int = 0) -> Optional[torch.Tensor
     return None
 
 
-def outputs_agree(net_a: torch.nn.Module, net_b: torch.nn.Module, rtol: float = 1e-4) -> Optional[float]:
+def outputs_agree(net_a: torch.nn.Module, net_b: torch.nn.Module) -> Optional[float]:
     """Max abs difference of the two networks' probe outputs relative to their scale (None: nothing to probe).
 
     Both networks are probed in eval mode (so no running average moves); their modes are restored after.
