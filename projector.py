@@ -23,6 +23,7 @@ from typing import List
 
 import click
 import imageio
+import imageio.v3
 import numpy as np
 import PIL.Image
 import torch
@@ -57,8 +58,7 @@ def write_video(path: str, target: np.ndarray, frames: List[np.ndarray]) -> str:
                 writer.append_data(frame)
         return path
     path = os.path.splitext(path)[0] + '.gif'
-    images = [PIL.Image.fromarray(frame) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+    imageio.v3.imwrite(path, np.stack(frames), duration=100, loop=0)
     return path
 
 
