@@ -126,6 +126,8 @@ class DatasetReference:
         return _cache_path(f'{self.dataset.name}-{detector.name}', key)
 
     def _batches(self, max_items: int) -> Iterator[torch.Tensor]:
+        if self.num_workers > 0:
+            self.dataset.close()  # Forked workers must not share the parent's open ZIP handle: each opens its own.
         subset = torch.utils.data.Subset(self.dataset, range(max_items))
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, num_workers=self.num_workers,
                                              collate_fn=_stack_images)
