@@ -132,7 +132,7 @@ def test_export_reload_round_trip(tmp_path):
     D = randomized(networks.Discriminator(**D_KWARGS), seed=1)
     path = str(tmp_path / 'out.pkl')
     save_network_pkl(path, G=G, D=D, G_ema=G, training_set_kwargs=dict(path='data.zip'))
-    assert sorted(os.listdir(tmp_path)) == ['out.pkl']  # no temporary file left behind
+    assert os.listdir(tmp_path) == ['out.pkl']  # no temporary file left behind
     with open(path, 'rb') as f:
         raw = f.read()
     names = globals_in_stream(raw)
@@ -146,6 +146,11 @@ def test_export_reload_round_trip(tmp_path):
     assert torch.equal(probe_G(loaded['G_ema']), probe_G(G))
     assert torch.equal(probe_D(loaded['D']), probe_D(D))
     assert rebuild_as_ours(loaded['G_ema']) is loaded['G_ema']  # same source: already our class
+
+    bare = str(tmp_path / 'bare.pkl')  # a generator pickled on its own counts as G_ema
+    with open(bare, 'wb') as f:
+        pickle.dump(G, f)
+    assert set(load_network_pkl(bare)) == {'G_ema', 'augment_pipe', 'training_set_kwargs'}
 
     with pytest.raises(FileExistsError):
         save_network_pkl(path, G_ema=G, D=D)
