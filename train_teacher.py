@@ -171,6 +171,9 @@ def main(outdir, desc, resume, threads, progress, dry_run, **kwargs):
         training_loop(run_dir=run_dir, resume_state=resume_state, progress=progress, **opts)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt as err:
+        print(f'Interrupted: {err}', file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

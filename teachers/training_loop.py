@@ -119,8 +119,8 @@ def training_loop(
     loss_scaling: float = 1,
     xflip: bool = False,                # Random horizontal flips of training images.
     kimg_per_tick: float = 50,
-    snapshot_ticks: Optional[int] = 50,
-    state_ticks: Optional[int] = None,  # Defaults to snapshot_ticks.
+    snapshot_ticks: Optional[int] = 50,  # Ticks between snapshots (0/None: only at the start and the end).
+    state_ticks: Optional[int] = None,  # Ticks between training states (default snapshot_ticks; always at the end).
     grid_size: int = 64,                # Images in the sample grid at each snapshot (0: none).
     grid_steps: int = 18,
     seed: int = 0,
@@ -128,7 +128,11 @@ def training_loop(
     device: str = 'cpu',
     progress: bool = True,
 ) -> dict:
-    """Train and return the final `dict(ema=..., ...)` snapshot content."""
+    """Train and return the final `dict(ema=..., ...)` snapshot content.
+
+    On SIGINT (Ctrl-C) the current step is finished, a snapshot and the training state are saved, and
+    KeyboardInterrupt is raised.
+    """
     device = torch.device(device)
     state_ticks = state_ticks if state_ticks is not None else snapshot_ticks
     torch.manual_seed(seed)
@@ -276,9 +280,9 @@ def training_loop(
                 f.write(json.dumps(dict(collector.as_dict(), timestamp=now)) + '\n')
 
             cur_tick += 1
-            if snapshot_ticks and (done or cur_tick % snapshot_ticks == 0):
+            if done or (snapshot_ticks and cur_tick % snapshot_ticks == 0):
                 save_snapshot()
-            if state_ticks and (done or cur_tick % state_ticks == 0):
+            if done or (state_ticks and cur_tick % state_ticks == 0):
                 save_state()
             tick_start_nimg, tick_start_time = cur_nimg, time.time()
             if done:
@@ -289,4 +293,5 @@ def training_loop(
             signal.signal(signal.SIGINT, previous_handler)
     if stop_requested:
         log(f'Stopped at {cur_nimg / 1000:g} kimg; resume with --resume={run_dir}')
+        raise KeyboardInterrupt(f'training stopped at {cur_nimg / 1000:g} kimg; state saved in {run_dir}')
     return snapshot_data()

@@ -9,8 +9,8 @@ import torch
 
 from teachers import networks
 from teachers.analytic import GaussianMixture
-from teachers.sampling import StackedRandomGenerator, edm_sampler, edm_time_steps, generate_images, image_grid, \
-    sample_seeds, split_seeds, to_uint8
+from teachers.sampling import StackedRandomGenerator, ablation_sampler, edm_sampler, edm_time_steps, generate_images, \
+    iddpm_sigmas, image_grid, sample_seeds, split_seeds, to_uint8
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -123,3 +123,37 @@ def test_seed_split_across_ranks_and_image_helpers():
     tiles = np.arange(3 * 2 * 2 * 1, dtype=np.uint8).reshape(3, 2, 2, 1)
     grid = image_grid(tiles, grid_w=2)
     assert grid.shape == (4, 4, 1) and (grid[2:, 2:] == 0).all() and (grid[2:4, 0:2] == tiles[2]).all()
+
+
+def test_ablation_sampler_defaults_equal_edm_sampler():
+    teacher = GaussianMixture(torch.tensor([[-1.0], [1.5]]), 0.2, weights=torch.tensor([0.4, 0.6]))
+    z = torch.randn(32, 1, generator=torch.Generator().manual_seed(2))
+    for churn in (0, 20):
+        runs = []
+        for sampler in (edm_sampler, ablation_sampler):
+            gen = torch.Generator().manual_seed(3)
+            runs.append(sampler(teacher, z, num_steps=12, S_churn=churn, sigma_min=0.002, sigma_max=80,
+                                randn_like=lambda x: torch.randn(x.shape, dtype=x.dtype, generator=gen)))
+        assert torch.allclose(runs[0], runs[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('disc,schedule,scaling', [('vp', 'vp', 'vp'), ('ve', 've', 'none'), ('iddpm', 'linear', 'none'),
+                                                   ('edm', 'linear', 'vp')])
+def test_ablation_sampler_variants_solve_the_gaussian_ode(disc, schedule, scaling):
+    mu, s = 0.7, 0.5
+    teacher = GaussianMixture(torch.full([1, 1], mu), s ** 2)
+    z = torch.randn(16, 1, generator=torch.Generator().manual_seed(0))
+    sigma_start = {'vp': 152.16, 've': 100.0, 'edm': 80.0}.get(disc)
+    if disc == 'iddpm':
+        u = iddpm_sigmas()
+        sigma_start = float(u[(u >= 0.002) & (u <= 81)].max())
+    out = ablation_sampler(teacher, z, num_steps=256, discretization=disc, schedule=schedule, scaling=scaling,
+                           randn_like=torch.zeros_like)
+    if disc == 'vp':  # Exact start: sigma_VP(1) with beta_d = 19.9, beta_min = 0.1.
+        sigma_start = math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1)
+    exact = mu + (z.double() * sigma_start - mu) * s / math.sqrt(s ** 2 + sigma_start ** 2)
+    tolerance = {'vp': 2e-4, 've': 4e-3, 'iddpm': 2e-4, 'edm': 1e-3}[disc]  # VE's sqrt(t) schedule converges slowest.
+    assert float((out - exact).abs().max()) < tolerance
+    # generate.py's path: any ablation option selects this sampler.
+    imgs, _ = sample_seeds(teacher, [0, 1], num_steps=8, discretization=disc, schedule=schedule, scaling=scaling)
+    assert imgs.shape == (2, 1) and torch.isfinite(imgs).all()
