@@ -6,14 +6,16 @@
 * `analytic`: exact Gaussian-mixture teachers; `dataset`: the image dataset class.
 """
 
+from .analytic import GaussianMixture, grid25, ring8
 from .interface import TEACHER_ATTRIBUTES, is_teacher, missing_teacher_attributes, score
 from .load import OFFICIAL, TeacherLoadError, load, load_pickle, rebuild_as_ours, resolve
 from .networks import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
-from .sampling import edm_sampler, generate_images
+from .sampling import ablation_sampler, edm_sampler, generate_images
 
 __all__ = [
+    'GaussianMixture', 'grid25', 'ring8',
     'TEACHER_ATTRIBUTES', 'is_teacher', 'missing_teacher_attributes', 'score',
     'OFFICIAL', 'TeacherLoadError', 'load', 'load_pickle', 'rebuild_as_ours', 'resolve',
     'DhariwalUNet', 'EDMPrecond', 'SongUNet', 'VEPrecond', 'VPPrecond', 'iDDPMPrecond',
-    'edm_sampler', 'generate_images',
+    'ablation_sampler', 'edm_sampler', 'generate_images',
 ]

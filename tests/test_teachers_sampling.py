@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import teachers
 from teachers import networks
 from teachers.analytic import GaussianMixture
 from teachers.sampling import StackedRandomGenerator, ablation_sampler, edm_sampler, edm_time_steps, generate_images, \
@@ -157,3 +158,12 @@ def test_ablation_sampler_variants_solve_the_gaussian_ode(disc, schedule, scalin
     # generate.py's path: any ablation option selects this sampler.
     imgs, _ = sample_seeds(teacher, [0, 1], num_steps=8, discretization=disc, schedule=schedule, scaling=scaling)
     assert imgs.shape == (2, 1) and torch.isfinite(imgs).all()
+
+
+def test_score_helper_matches_the_exact_mixture_score():
+    teacher = GaussianMixture(torch.tensor([[-1.0, 0.5], [2.0, 1.0]]), torch.tensor([0.3, 0.6]))
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(4))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 8.0])
+    assert torch.allclose(teachers.score(teacher, x, sigma), teacher.score(x, sigma), rtol=1e-4, atol=1e-4)
+    assert teachers.is_teacher(teacher) and not teachers.is_teacher(torch.nn.Linear(1, 1))
+    assert teachers.missing_teacher_attributes(torch.nn.Linear(1, 1))[0] == 'img_resolution'
