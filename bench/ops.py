@@ -74,8 +74,8 @@ def _default_is_compiled(op, shape):
     calls = []
     original = _plugin.use_compiled
 
-    def spy(impl, device, beneficial=True):
-        calls.append(original(impl, device, beneficial))
+    def spy(impl, x, beneficial=True):
+        calls.append(original(impl, x, beneficial))
         return calls[-1]
 
     _plugin.use_compiled = spy

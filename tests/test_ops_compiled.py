@@ -246,4 +246,55 @@ def test_second_process_reuses_cache():
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'ok'
-    assert 'building' not in result.stderr  # Loaded from the cache: no compiler run.
+    assert 'building once' not in result.stderr  # Loaded from the cache: no compiler run.
+
+
+def test_uncovered_dtype_falls_back_to_ref():
+    x = _random([4, 64, 16, 16], torch.float32, seed=12).to(torch.bfloat16)
+    b = _random([64], torch.float32, seed=13).to(torch.bfloat16)
+    torch.testing.assert_close(bias_act.bias_act(x, b, act='lrelu'), bias_act.bias_act(x, b, act='lrelu', impl='ref'))
+    with pytest.raises(RuntimeError, match='No compiled kernel'):
+        bias_act.bias_act(x, b, act='lrelu', impl='compiled')
+
+
+_TINY_SOURCE = 'extern "C" int toolkit_tiny_answer() { return 42; }\n'  # No torch headers: builds in a second.
+
+_BUILDER = textwrap.dedent('''
+    import sys
+    from torch_utils import custom_ops
+    custom_ops.get_plugin('tiny_ext', ['tiny.cpp'], source_dir=sys.argv[1], is_python_module=False)
+    print('ok')
+''')
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    (tmp_path / 'tiny.cpp').write_text(_TINY_SOURCE)
+    env = dict(os.environ, PYTHONPATH=REPO, **{custom_ops.BUILD_DIR_ENV: str(tmp_path / 'cache')})
+    procs = [subprocess.Popen([sys.executable, '-c', _BUILDER, str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all(out.strip() == 'ok' for out, _ in outputs)
+    assert sum('building once' in err for _, err in outputs) == 1, outputs  # The others waited, then loaded it.
+    builds = [d for d in os.listdir(tmp_path / 'cache') if not d.endswith('.lock')]
+    assert len(builds) == 1 and not builds[0].startswith('.')  # One finished directory, no temporary leftovers.
+
+
+@pytest.mark.skipif(os.name == 'nt', reason='uses a POSIX signal to kill the lock holder')
+def test_build_lock_times_out_and_never_goes_stale(tmp_path):
+    lock = str(tmp_path / 'ext.lock')
+    holder_code = ('import sys, time\nfrom torch_utils import custom_ops\n'
+                   'with custom_ops._file_lock(sys.argv[1], 5, "holder"):\n    print("locked", flush=True)\n'
+                   '    time.sleep(120)\n')
+    holder = subprocess.Popen([sys.executable, '-c', holder_code, lock], env=dict(os.environ, PYTHONPATH=REPO),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(custom_ops.BuildError, match='gave up after waiting'):
+            with custom_ops._file_lock(lock, 0.5, 'test'):
+                pass
+    finally:
+        holder.kill()  # Dies holding the lock, like a Ctrl-C'd build.
+        holder.wait()
+    with custom_ops._file_lock(lock, 5, 'test'):  # The OS released it: no stale lock to delete by hand.
+        pass

@@ -58,8 +58,11 @@ def covered_devices(required):
     return _covered_devices
 
 
-def use_compiled(impl, device, beneficial=True):
-    """Whether an op call with this `impl` on this device runs the compiled kernel.
+KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def use_compiled(impl, x, beneficial=True):
+    """Whether an op call with this `impl` on tensor `x` runs the compiled kernel.
 
     impl='ref' never does; impl='compiled' must (raises if impossible). The default impl='cuda' follows
     TOOLKIT_OPS_IMPL: 'ref' never, 'compiled' wherever a kernel exists, 'auto' where a kernel exists and the
@@ -70,9 +73,10 @@ def use_compiled(impl, device, beneficial=True):
     mode = custom_ops.impl_mode()
     if impl == 'cuda' and (mode == 'ref' or (mode == 'auto' and not beneficial)):
         return False
-    if device.type not in ('cpu', 'cuda'):
+    device = x.device
+    if device.type not in ('cpu', 'cuda') or x.dtype not in KERNEL_DTYPES:
         if impl == 'compiled':
-            raise RuntimeError(f'No compiled kernel exists for device type {device.type!r}; use impl="ref"')
+            raise RuntimeError(f'No compiled kernel exists for {x.dtype} on {device.type!r}; use impl="ref"')
         return False
     required = impl == 'compiled' or mode == 'compiled'
     if device.type in covered_devices(required):

@@ -74,7 +74,7 @@ def bias_act(x, b=None, dim=1, act='linear', alpha=None, gain=None, clamp=None, 
     spec, alpha, gain, clamp = _resolve_args(x, b, dim, act, alpha, gain, clamp)
     if impl not in ('ref', 'cuda', 'compiled'):
         raise ValueError(f"bias_act: impl must be 'ref', 'cuda' (compiled when available) or 'compiled', got {impl!r}")
-    if x.numel() > 0 and _plugin.use_compiled(impl, x.device, beneficial=_compiled_is_faster(x, spec)):
+    if x.numel() > 0 and _plugin.use_compiled(impl, x, beneficial=_compiled_is_faster(x, spec)):
         if b is not None:
             b = b.to(x.dtype).contiguous()
         if not (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))):

@@ -145,7 +145,7 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl='cu
     flip_filter = bool(flip_filter)
     if impl not in ('ref', 'cuda', 'compiled'):
         raise ValueError(f"upfirdn2d: impl must be 'ref', 'cuda' (compiled when available) or 'compiled', got {impl!r}")
-    if x.numel() > 0 and _plugin.use_compiled(impl, x.device, beneficial=_compiled_is_faster(x, up, down)):
+    if x.numel() > 0 and _plugin.use_compiled(impl, x, beneficial=_compiled_is_faster(x, up, down)):
         if f is None:
             f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
         fw, fh = _get_filter_size(f)
