@@ -34,14 +34,11 @@ REGISTRY: Dict[str, str] = {
     'fmnist': FMNIST_WEIGHTS,
 }
 _STANDARD_STEMS = {'inception-2015-12-05': 'inception', 'vgg16': 'vgg16'}
-PROBS_CAPABLE = ('inception', 'fmnist')
 
 
 class Detector(nn.Module):
     """Common interface: `features(images)` and, when `has_probs`, `probabilities(images)` (for IS)."""
 
-    name: str = 'detector'
-    input_spec: InputSpec = InputSpec()
     has_probs: bool = False
 
     def __init__(self, name: str, identity: Optional[str], input_spec: InputSpec):
@@ -52,8 +49,10 @@ class Detector(nn.Module):
 
     @property
     def identity(self) -> str:
-        """The weights file's hash, or for in-memory modules a hash of the current weights."""
-        return self._file_identity if self._file_identity is not None else state_dict_identity(self)
+        """Hash of the weights (the file's content, or the module's current weights) and of how it is fed."""
+        weights = self._file_identity if self._file_identity is not None else state_dict_identity(self)
+        feeding = f'{type(self).__qualname__}|{self.input_spec}|{sorted(getattr(self, "call_kwargs", {}).items())}'
+        return hashlib.sha1(f'{weights}|{feeding}'.encode()).hexdigest()
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return adapt_images(images, self.input_spec)

@@ -13,7 +13,7 @@ import torch
 import dnnlib
 from metrics import FashionDetector, MetricRunner, ModuleDetector, compute_metrics, load_detector, parse_metric
 from metrics import references
-from metrics.detectors import FMNIST_WEIGHTS, UpstreamDetector, state_dict_identity
+from metrics.detectors import FMNIST_WEIGHTS, UpstreamDetector
 from metrics.feature_stats import FeatureStats
 from metrics.fmnist_net import FashionFeatureNet
 from metrics.formulas import frechet_distance
@@ -288,7 +288,7 @@ def test_shipped_offline_detector_classifies_fashion_mnist():
     predictions = detector.probabilities(images).argmax(dim=1).numpy()
     assert np.mean(predictions == labels) > 0.85
     assert detector.features(images[:3]).shape == (3, 128)
-    assert detector.identity != state_dict_identity(FashionFeatureNet())
+    assert detector.identity != FashionDetector(FashionFeatureNet()).identity  # Trained weights, not random.
 
 
 def test_any_module_is_a_detector(tmp_path, fmnist):
@@ -302,6 +302,7 @@ def test_any_module_is_a_detector(tmp_path, fmnist):
     spec = InputSpec(channels=1, resolution=16, value_range='pm1')
     custom = ModuleDetector(torch.nn.Flatten(), name='pixels', input_spec=spec)
     assert custom.identity == load_detector(ModuleDetector(torch.nn.Flatten(), input_spec=spec)).identity
+    assert custom.identity != ModuleDetector(torch.nn.Flatten(), input_spec=InputSpec(resolution=16)).identity
     write_dataset_zip(tmp_path / 'data.zip', images)
     record = compute_metrics(['fid64_full'], BankAdapter(images), str(tmp_path / 'data.zip'), custom,
                              batch_size=32)[0]
