@@ -44,32 +44,31 @@ def generated_batches(generator: Any, num: int, batch_size: int, seed: int,
         done += count
 
 
-def accumulate(batches: Iterator[torch.Tensor], total: int, detector: Detector, stats: List[FeatureStats],
+def accumulate(batches: Iterator[torch.Tensor], total: int, detector: Detector, stats: FeatureStats,
                device: torch.device, desc: str, progress: bool) -> None:
-    """Run the detector on every batch and append the features to each FeatureStats until all are full."""
+    """Run the detector on every batch and append the features until the statistics are full."""
     with tqdm.tqdm(total=total, desc=desc, unit='img', disable=not progress, dynamic_ncols=True) as bar:
         for images in batches:
-            features = detector.features(images.to(device))
-            for s in stats:
-                s.append(features)
+            stats.append(detector.features(images.to(device)))
             bar.update(len(images))
-            if all(s.is_full() for s in stats):
+            if stats.is_full():
                 break
 
 
-def _merge(requests: List[StatsRequest], length: Optional[int]) -> Dict[Optional[int], StatsRequest]:
+def _effective(r: StatsRequest, length: int) -> int:
+    """How many of the `length` available items a request reads."""
+    return length if r.max_items is None else min(r.max_items, length)
+
+
+def _merge(requests: List[StatsRequest], length: int) -> Dict[int, StatsRequest]:
     """One pass per distinct effective size: requests that read the same items share a pass."""
-    passes: Dict[Optional[int], StatsRequest] = {}
+    passes: Dict[int, StatsRequest] = {}
     for r in requests:
-        size = r.max_items if length is None else min(r.max_items or length, length)
+        size = _effective(r, length)
         old = passes.get(size)
         passes[size] = StatsRequest(r.capture_all or (old is not None and old.capture_all),
                                     r.capture_mean_cov or (old is not None and old.capture_mean_cov), size)
     return passes
-
-
-def _effective(r: StatsRequest, length: Optional[int]) -> Optional[int]:
-    return r.max_items if length is None else min(r.max_items or length, length)
 
 
 def dataset_fingerprint(path: str) -> str:
@@ -143,7 +142,7 @@ class DatasetReference:
                 stats = FeatureStats.load(path)
             else:
                 stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
-                accumulate(self._batches(size), size, detector, [stats], device,
+                accumulate(self._batches(size), size, detector, stats, device,
                            desc=f'{self.dataset.name} [{detector.name}]', progress=progress)
                 if self.cache:
                     stats.save(path, detector=detector.identity, source=self.description)
@@ -230,7 +229,7 @@ class GeneratorReference:
                 else:
                     stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
                     batches = generated_batches(self.generator, size, self.batch_size, self.seed, device)
-                    accumulate(batches, size, detector, [stats], device, desc=f'reference samples [{detector.name}]',
+                    accumulate(batches, size, detector, stats, device, desc=f'reference samples [{detector.name}]',
                                progress=progress)
                     if path is not None:
                         stats.save(path, detector=detector.identity, source=self.description)
