@@ -4,6 +4,7 @@ outputs, rebuild as our classes, come from the download cache by short name, and
 import ast
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 import subprocess
@@ -84,6 +85,20 @@ def test_our_upstream_layout_pickle_loads_in_fresh_process_with_equal_outputs(tm
     with open(path, 'rb') as f:
         raw = f.read()
     assert b'torch_utils.persistence' in raw and b'_reconstruct_persistent_obj' in raw
+
+    # Every persistent object is stored as _reconstruct_persistent_obj(meta) with the upstream meta layout.
+    metas = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+                return lambda meta: metas.append(meta) or meta
+            return super().find_class(module, name)
+    top = Recorder(io.BytesIO(raw)).load()
+    assert set(top) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    assert all(set(m) == {'type', 'version', 'module_src', 'class_name', 'state'} and m['version'] == 6 for m in metas)
+    assert top['ema']['class_name'] == 'EDMPrecond' and top['loss_fn']['class_name'] == 'EDMLoss'
+    assert 'class EDMPrecond' in top['ema']['module_src'] and top['ema']['state']['_init_kwargs']['model_type'] == 'SongUNet'
 
     x, sigma, labels = reference_inputs()
     with torch.no_grad():
