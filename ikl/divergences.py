@@ -17,7 +17,7 @@ detached from x0 and run without autograd (IKL, SDS) or with autograd through th
 """
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -79,26 +79,50 @@ class Divergence:
         raise NotImplementedError
 
 
+class FakeForward(NamedTuple):
+    """The fake score's forward of a generator step, kept with its graph so DSM can reuse it (no second forward)."""
+    denoised: torch.Tensor
+    clean: torch.Tensor
+    sigma: torch.Tensor
+
+
+def _reseed(seed: Optional[int]) -> None:
+    """Same dropout masks for the teacher and the fake score (the official code's CUDA RNG trick, on any device)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
 class IKL(Divergence):
     """Diff-Instruct: lam(sigma) * (D_fake(x_t) - D_teacher(x_t)) applied to x0, optionally normalised per sample
-    by mean|x0 - D_teacher| (DMD-style; then it is no longer the gradient of a fixed divergence)."""
+    by mean|x0 - D_teacher| (DMD-style; then it is no longer the gradient of a fixed divergence).
+
+    With `keep_fake_graph`, the fake score runs with autograd and its output is returned too, so the caller can
+    train the fake score by DSM on exactly this forward (same x_t, sigma) instead of running it again.
+    `dropout_seed` reseeds torch's RNG before each network so both draw the same dropout masks."""
 
     def _fake_denoised(self, x_t, sigma, labels, x0, fake_score):
         return fake_score(x_t, sigma, labels).float()
 
-    def generator_loss(self, x0, labels, teacher, fake_score, generator):
+    def generator_loss(self, x0, labels, teacher, fake_score, generator, keep_fake_graph: bool = False,
+                       dropout_seed: Optional[int] = None):
         sigma, noise = self._noisy(x0, generator)
         x0_const = x0.detach()
         x_t = x0_const + sigma * noise
-        with torch.no_grad():
-            with autocast(x0.device, self.amp_dtype):
+        with autocast(x0.device, self.amp_dtype):
+            with torch.no_grad():
+                _reseed(dropout_seed)
                 d_teacher = teacher(x_t, sigma, labels).float()
-                d_fake = self._fake_denoised(x_t, sigma, labels, x0_const, fake_score)
+            with torch.set_grad_enabled(keep_fake_graph):
+                _reseed(dropout_seed)
+                d_fake_live = self._fake_denoised(x_t, sigma, labels, x0_const, fake_score)
+        with torch.no_grad():
+            d_fake = d_fake_live.detach()
             direction = self.weighting(sigma) * (d_fake - d_teacher)
             if self.normalize:
                 direction = direction / _per_sample((x0_const - d_teacher).abs().flatten(1).mean(1).clamp_min(1e-8), x0)
             training_stats.report('Divergence/denoiser_gap', (d_fake - d_teacher).square().flatten(1).mean(1).sqrt())
-        return self._sum(direction * x0)
+        loss = self._sum(direction * x0)
+        return (loss, FakeForward(d_fake_live, x0_const, sigma)) if keep_fake_graph else loss
 
 
 class SDS(IKL):
@@ -120,11 +144,13 @@ class SiD(Divergence):
         super().__init__(sigma, weighting, normalize=True, amp_dtype=amp_dtype)
         self.alpha = float(alpha)
 
-    def generator_loss(self, x0, labels, teacher, fake_score, generator):
+    def generator_loss(self, x0, labels, teacher, fake_score, generator, dropout_seed: Optional[int] = None):
         sigma, noise = self._noisy(x0, generator)
         x_t = x0 + sigma * noise
         with _frozen(teacher, fake_score), autocast(x0.device, self.amp_dtype):
+            _reseed(dropout_seed)
             d_teacher = teacher(x_t, sigma, labels).float()
+            _reseed(dropout_seed)
             d_fake = fake_score(x_t, sigma, labels).float()
         gap = d_teacher - d_fake
         scale = _per_sample((x0 - d_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8), x0)
@@ -155,7 +181,12 @@ def edm_dsm_loss(net: torch.nn.Module, images: torch.Tensor, labels: Optional[to
     noise = torch.randn(images.shape, generator=generator, device=images.device)
     with autocast(images.device, amp_dtype):
         denoised = net(images + s * noise, s, labels).float()
-    weight = (s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2
-    return (weight * (denoised - images).square()).flatten(1).sum(1)
+    return dsm_from_forward(FakeForward(denoised, images, s), sigma_data)
+
+
+def dsm_from_forward(fwd: FakeForward, sigma_data: float = 0.5) -> torch.Tensor:
+    """The per-sample EDM DSM loss of a denoiser output already computed at (clean + sigma * noise, sigma)."""
+    weight = (fwd.sigma ** 2 + sigma_data ** 2) / (fwd.sigma * sigma_data) ** 2
+    return (weight * (fwd.denoised - fwd.clean).square()).flatten(1).sum(1)
 
 # ----------------------------------------------------------------------------------------------------------------

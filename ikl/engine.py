@@ -3,11 +3,17 @@
 Per iteration (schedule `reuse`, the default):
 
 1. Generator step. For each accumulation round, the adapter makes `batch_gpu` samples x0 with gradient (the one
-   generator forward of the iteration); the divergence draws sigma and noise, runs the teacher and the fake score
-   on the detached x_t without autograd and returns the surrogate loss; its backward reaches the generator only.
+   generator forward of the iteration); the divergence draws sigma and noise, runs the teacher (no autograd) and
+   the fake score on the detached x_t and returns the surrogate loss; its backward reaches the generator only.
    Gradients are summed over rounds and processes (one all-reduce), checked for NaN/Inf, unscaled, and applied.
-2. Fake-score steps (`fake_steps` = k). The first reuses the same x0, detached, for EDM's DSM loss; further steps
-   draw fresh no-grad samples. The fake score therefore fits samples of the generator *before* this iteration's
+2. Fake-score steps (`fake_steps` = k). The first trains on the same x0, detached, with EDM's DSM loss. With
+   `fake_forward='shared'` (IKL, same lognormal law for both losses) it even reuses the fake score's forward of
+   step 1, kept with its graph: DSM at (x0, sigma, noise) is exactly what that forward computed, and the fake's
+   weights do not change in between, so the one backward of step 1 also yields the fake's gradient. Per
+   iteration this costs one generator forward+backward, one teacher forward and one fake forward+backward: the
+   passes no schedule can avoid. The only statistical difference from separate draws is that the generator's
+   and the fake's losses share their (sigma, noise) draws. Further fake steps draw fresh no-grad samples.
+   The fake score therefore fits samples of the generator *before* this iteration's
    update, and the next generator step uses it: it lags the generator by one step (the official schedule fits the
    fake score to the current generator, then updates the generator, at the cost of a second generator forward).
    At the small learning rates used for Diff-Instruct the two are indistinguishable in practice; `schedule=
@@ -39,7 +45,7 @@ from torch_utils import distributed as dist
 from torch_utils import training_stats
 
 from .adapters import GeneratorAdapter
-from .divergences import Divergence, autocast, edm_dsm_loss, make_divergence
+from .divergences import Divergence, autocast, dsm_from_forward, edm_dsm_loss, make_divergence
 from .images import save_preview
 from .sigmas import LogNormal, make_sigma_distribution
 
@@ -87,6 +93,9 @@ class TrainingOptions:
     ema_rampup_ratio: Optional[float] = 0.05
     # Execution.
     schedule: str = 'reuse'         # reuse (one generator forward per iteration) | official (an extra no-grad pass)
+    fake_forward: str = 'shared'    # shared (DSM reuses the generator step's fake forward when the sigma laws agree) | separate
+    step_dropout: bool = True       # Teacher and fake in train mode (dropout, same masks) in the generator step, as upstream;
+                                    # off: both in eval mode (then a shared DSM forward is dropout-free too).
     precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 1000
@@ -119,7 +128,7 @@ class TrainingOptions:
         if self.batch <= 0 or batch_gpu <= 0 or self.batch % (batch_gpu * world_size) != 0:
             raise ValueError(f'training options: batch={self.batch} must be a positive multiple of batch_gpu={batch_gpu} '
                              f'x world size {world_size}')
-        choices = dict(schedule=('reuse', 'official'), precision=('fp32', 'bf16', 'fp16'))
+        choices = dict(schedule=('reuse', 'official'), precision=('fp32', 'bf16', 'fp16'), fake_forward=('shared', 'separate'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
@@ -239,11 +248,15 @@ class Trainer:
 
     # -- randomness -------------------------------------------------------------------------------------------
 
-    def _rng(self, purpose: int, round_idx: int) -> torch.Generator:
-        """Generator for one chunk; also reseeds torch's global RNG so dropout is reproducible."""
+    def _seed(self, purpose: int, round_idx: int) -> int:
+        """A 63-bit seed for one (iteration, purpose, global chunk)."""
         chunk = round_idx * self.world + self.rank
         words = np.random.SeedSequence([self.opts.seed, self.iteration, purpose, chunk]).generate_state(2, np.uint32)
-        seed = (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
+        return (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
+
+    def _rng(self, purpose: int, round_idx: int) -> torch.Generator:
+        """Generator for one chunk; also reseeds torch's global RNG so dropout is reproducible."""
+        seed = self._seed(purpose, round_idx)
         torch.manual_seed(seed)
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -278,21 +291,44 @@ class Trainer:
             p.grad = None
         return finite
 
-    def _generator_step(self):
+    def _shares_fake_forward(self) -> bool:
+        """DSM can reuse the generator step's fake forward when it is IKL under the same sigma law as the fake's."""
         o = self.opts
+        return (self.fake_score is not None and o.fake_forward == 'shared' and o.schedule == 'reuse'
+                and o.divergence == 'ikl' and o.sigma == 'lognormal'
+                and (o.P_mean, o.P_std) == (o.fake_P_mean, o.fake_P_std))
+
+    def _generator_step(self) -> list:
+        """Generator update (and, with a shared fake forward, the first fake-score gradient). Returns the samples."""
+        o = self.opts
+        share = self._shares_fake_forward()
         self.adapter.train()
+        self.teacher.train(o.step_dropout)
         if self.fake_score is not None:
-            self.fake_score.eval()
+            self.fake_score.train(o.step_dropout)
         samples = []
         for r in range(self.rounds):
             gen = self._rng(0, r)
             with autocast(self.device, self.amp):
                 x0, labels = self.adapter.sample(self.batch_gpu, gen)
             x0 = x0.float()
-            loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen)
-            (loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)).backward()
+            kwargs = dict(dropout_seed=self._seed(3, r))
+            if share:
+                loss, fake_fwd = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen,
+                                                                keep_fake_graph=True, **kwargs)
+                fake_loss = dsm_from_forward(fake_fwd, o.sigma_data)
+                training_stats.report('Loss/fake_score', fake_loss)
+                total = (loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+                         + fake_loss.sum() * (o.fake_loss_scale * self.fake_scaler.scale / o.batch))
+            else:
+                loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
+                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+            total.backward()
             samples.append((x0.detach(), None if labels is None else labels.detach()))
+        self.teacher.eval()
         self._apply_gradients(self.g_params, self.g_opt, self.g_scaler, o.g_lr * self._lr_factor(), 'G')
+        if share:
+            self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
         return samples
 
     def _fresh_samples(self, purpose: int, r: int):
@@ -302,10 +338,10 @@ class Trainer:
         self.adapter.train()
         return x.float(), labels
 
-    def _fake_steps(self, reused=None):
+    def _fake_steps(self, reused=None, first: int = 0):
         o = self.opts
         self.fake_score.train()
-        for k in range(o.fake_steps):
+        for k in range(first, o.fake_steps):
             for r in range(self.rounds):
                 x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
                 loss = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma, self._rng(2 + 2 * k, r), o.sigma_data, self.amp)
@@ -332,7 +368,7 @@ class Trainer:
         else:
             samples = self._generator_step()
             if self.fake_score is not None:
-                self._fake_steps(reused=samples)
+                self._fake_steps(reused=samples, first=int(self._shares_fake_forward()))
         self._update_ema()
         self.cur_nimg += self.opts.batch
         self.iteration += 1

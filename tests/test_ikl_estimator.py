@@ -9,6 +9,15 @@ from ikl.sigmas import Fixed, Karras, LogNormal, implied_weight
 from teachers.analytic import GaussianMixture
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks run fastest on one thread, and the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gaussian(mean: torch.Tensor, var: torch.Tensor) -> GaussianMixture:
     return GaussianMixture(mean.detach()[None].double(), var.detach()[None].double())
 
@@ -128,3 +137,21 @@ def test_dsm_loss_excess_is_the_denoiser_error():
     excess = (lam * (wrong(x_t, sigma) - data(x_t, sigma)).square()).sum(1).mean()
     assert excess > 0.05
     assert abs((worse - exact) - excess) < 0.1 * excess, (worse - exact, excess)
+
+
+def test_shared_fake_forward_gives_the_dsm_gradient_of_a_separate_forward():
+    """DSM through the fake forward kept from the generator step equals DSM from a fresh forward at the same x_t."""
+    from ikl.divergences import dsm_from_forward, FakeForward
+    from ikl.toy import MLPDenoiser
+    torch.manual_seed(0)
+    fake = MLPDenoiser(2, 16, 2)
+    teacher = GaussianMixture(torch.tensor([[1.0, 0.0]]), 0.1)
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+    _, fwd = IKL(LogNormal()).generator_loss(x0, None, teacher, fake, torch.Generator().manual_seed(2), keep_fake_graph=True)
+    shared = torch.autograd.grad(dsm_from_forward(fwd).sum(), list(fake.parameters()))
+    gen = torch.Generator().manual_seed(2)
+    sigma = LogNormal().sample(32, gen, x0.device)[:, None]
+    x_t = x0 + sigma * torch.randn(x0.shape, generator=gen)
+    separate = torch.autograd.grad(dsm_from_forward(FakeForward(fake(x_t, sigma), x0, sigma)).sum(), list(fake.parameters()))
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b)
