@@ -100,56 +100,79 @@ def _stack_images(items: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([image for image, _label in items]))
 
 
-class DatasetReference:
+class _ComputedReference:
+    """Statistics computed by running the detector on the reference's images: one pass per distinct size,
+    kept in memory (snapshots reuse them) and on disk when the subclass names a cache file."""
+
+    is_mean_cov_only = False
+
+    def __init__(self):
+        self._memory: Dict[tuple, FeatureStats] = {}
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _batches(self, size: int, device: torch.device) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def cache_file(self, detector: Detector, request: StatsRequest) -> Optional[str]:
+        raise NotImplementedError
+
+    def get_stats(self, detector: Detector, requests: List[StatsRequest], device: torch.device,
+                  progress: bool = False) -> Dict[StatsRequest, FeatureStats]:
+        results: Dict[StatsRequest, FeatureStats] = {}
+        for size, merged in _merge(requests, len(self)).items():
+            memo_key = (detector.identity, merged)
+            if memo_key not in self._memory:
+                path = self.cache_file(detector, merged)
+                if path is not None and os.path.isfile(path):
+                    stats = FeatureStats.load(path)
+                else:
+                    stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
+                    accumulate(self._batches(size, device), size, detector, stats, device,
+                               desc=f'{self.name} [{detector.name}]', progress=progress)
+                    if path is not None:
+                        stats.save(path, detector=detector.identity, source=self.description)
+                self._memory[memo_key] = stats
+            for r in requests:
+                if _effective(r, len(self)) == size:
+                    results[r] = self._memory[memo_key]
+        return results
+
+
+class DatasetReference(_ComputedReference):
     """Real images of a dataset ZIP or folder (upstream layout). `_full` metrics read every image."""
 
     def __init__(self, path: str, mirror: bool = False, cache: bool = True, batch_size: int = 64,
                  num_workers: int = 0):
+        super().__init__()
         self.path = path
         self.mirror = mirror
         self.dataset = ImageFolderDataset(path, xflip=mirror)
+        self.name = self.dataset.name
         self.cache = cache
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.description = os.path.abspath(path)
-        self.is_mean_cov_only = False
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def cache_file(self, detector: Detector, request: StatsRequest) -> str:
+    def cache_file(self, detector: Detector, request: StatsRequest) -> Optional[str]:
+        if not self.cache:
+            return None
         key = dict(format=STATS_FORMAT, dataset=dataset_fingerprint(self.path), mirror=self.mirror,
-                   detector=detector.identity,
-                   capture_all=request.capture_all, capture_mean_cov=request.capture_mean_cov,
-                   max_items=request.max_items)
-        return _cache_path(f'{self.dataset.name}-{detector.name}', key)
+                   detector=detector.identity, capture_all=request.capture_all,
+                   capture_mean_cov=request.capture_mean_cov, max_items=request.max_items)
+        return _cache_path(f'{self.name}-{detector.name}', key)
 
-    def _batches(self, max_items: int) -> Iterator[torch.Tensor]:
+    def _batches(self, size: int, device: torch.device) -> Iterator[torch.Tensor]:
         if self.num_workers > 0:
             self.dataset.close()  # Forked workers must not share the parent's open ZIP handle: each opens its own.
-        subset = torch.utils.data.Subset(self.dataset, range(max_items))
+        subset = torch.utils.data.Subset(self.dataset, range(size))
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, num_workers=self.num_workers,
                                              collate_fn=_stack_images)
         yield from loader
-
-    def get_stats(self, detector: Detector, requests: List[StatsRequest], device: torch.device,
-                  progress: bool = False) -> Dict[StatsRequest, FeatureStats]:
-        length = len(self.dataset)
-        results: Dict[StatsRequest, FeatureStats] = {}
-        for size, merged in _merge(requests, length).items():
-            path = self.cache_file(detector, merged)
-            if self.cache and os.path.isfile(path):
-                stats = FeatureStats.load(path)
-            else:
-                stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
-                accumulate(self._batches(size), size, detector, stats, device,
-                           desc=f'{self.dataset.name} [{detector.name}]', progress=progress)
-                if self.cache:
-                    stats.save(path, detector=detector.identity, source=self.description)
-            for r in requests:
-                if _effective(r, length) == size:
-                    results[r] = stats
-        return results
 
 
 class _FixedMeanCov:
@@ -194,50 +217,38 @@ class StatsFileReference:
         return {r: self.stats for r in requests}
 
 
-class GeneratorReference:
+class GeneratorReference(_ComputedReference):
     """Samples of a generator adapter (e.g. the teacher with its sampler) as the reference distribution.
 
     `num` samples drawn with `seed`; kept in memory per detector, and cached on disk only when the caller gives
     `cache_key` (a string that identifies the generator and its sampler settings, e.g. pickle hash + steps).
     """
 
+    name = 'reference samples'
+
     def __init__(self, generator: Any, num: int = 50000, seed: int = 1, batch_size: int = 64,
                  cache_key: Optional[str] = None):
+        super().__init__()
         self.generator = generator
         self.num = num
         self.seed = seed
         self.batch_size = batch_size
         self.cache_key = cache_key
         self.description = f'generator:{cache_key or type(generator).__name__}:{num}@seed{seed}'
-        self.is_mean_cov_only = False
-        self._memory: Dict[tuple, FeatureStats] = {}
 
     def __len__(self) -> int:
         return self.num
 
-    def get_stats(self, detector: Detector, requests: List[StatsRequest], device: torch.device,
-                  progress: bool = False) -> Dict[StatsRequest, FeatureStats]:
-        results: Dict[StatsRequest, FeatureStats] = {}
-        for size, merged in _merge(requests, self.num).items():
-            memo_key = (detector.identity, merged)
-            if memo_key not in self._memory:
-                key = dict(format=STATS_FORMAT, generator=self.cache_key, seed=self.seed, detector=detector.identity,
-                           capture_all=merged.capture_all, capture_mean_cov=merged.capture_mean_cov, max_items=size)
-                path = _cache_path(f'generator-{detector.name}', key) if self.cache_key else None
-                if path is not None and os.path.isfile(path):
-                    stats = FeatureStats.load(path)
-                else:
-                    stats = FeatureStats(merged.capture_all, merged.capture_mean_cov, max_items=size)
-                    batches = generated_batches(self.generator, size, self.batch_size, self.seed, device)
-                    accumulate(batches, size, detector, stats, device, desc=f'reference samples [{detector.name}]',
-                               progress=progress)
-                    if path is not None:
-                        stats.save(path, detector=detector.identity, source=self.description)
-                self._memory[memo_key] = stats
-            for r in requests:
-                if _effective(r, self.num) == size:
-                    results[r] = self._memory[memo_key]
-        return results
+    def cache_file(self, detector: Detector, request: StatsRequest) -> Optional[str]:
+        if self.cache_key is None:
+            return None
+        key = dict(format=STATS_FORMAT, generator=self.cache_key, seed=self.seed, detector=detector.identity,
+                   capture_all=request.capture_all, capture_mean_cov=request.capture_mean_cov,
+                   max_items=request.max_items)
+        return _cache_path(f'generator-{detector.name}', key)
+
+    def _batches(self, size: int, device: torch.device) -> Iterator[torch.Tensor]:
+        return generated_batches(self.generator, size, self.batch_size, self.seed, device)
 
 
 def make_reference(reference: Any, mirror: bool = False, cache: bool = True, batch_size: int = 64,
