@@ -136,7 +136,6 @@ def training_loop(
     device = torch.device(device)
     state_ticks = state_ticks if state_ticks is not None else snapshot_ticks
     torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 31))
 
     def log(message: str) -> None:
         tqdm.write(message)
@@ -166,7 +165,7 @@ def training_loop(
 
     cur_nimg, cur_tick = 0, 0
     if resume_state is not None:
-        state = torch.load(resume_state, map_location=device, weights_only=True)
+        state = torch.load(resume_state, map_location='cpu', weights_only=True)  # RNG states must stay on the CPU.
         try:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
