@@ -59,7 +59,8 @@ def run_dir_of(network_pkl):
               'with its sampler)', metavar='PATH|URL', required=True)
 @click.option('--metrics', 'metric_names', help='Comma-separated metrics, or none', default='fid50k_full',
               show_default=True, metavar='LIST')
-@click.option('--data', help='Reference dataset: ZIP or folder in the upstream layout', metavar='[ZIP|DIR]')
+@click.option('--data', help='Reference dataset: ZIP or folder in the upstream layout [default: the training data '
+              'recorded in the pickle, if any]', metavar='[ZIP|DIR]')
 @click.option('--ref', help='Reference statistics .npz (EDM fid-refs: mu, sigma)', metavar='NPZ|URL')
 @click.option('--ref-network', help='Reference = samples of this network, e.g. the teacher', metavar='PATH|URL')
 @click.option('--ref-num', help='Samples drawn from --ref-network', type=click.IntRange(min=2), default=50000,
@@ -105,6 +106,9 @@ def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detect
             sampler = getattr(ref_generator, 'sampler_kwargs', None)
             reference = GeneratorReference(ref_generator, num=ref_num, batch_size=batch_size,
                                            cache_key=f'{file_identity(ref_path)}:{sampler!r}')
+        elif getattr(generator, 'training_set_kwargs', None):  # As upstream: the data the pickle was trained on.
+            reference = make_reference(generator.training_set_kwargs['path'], mirror=mirror, batch_size=batch_size,
+                                       num_workers=workers)
         else:
             reference = None
         records = compute_metrics(metric_names, generator, reference, detector, device, num_gen=num,

@@ -22,7 +22,10 @@ def setup(tmp_path, monkeypatch):
 
     def load_generator(path, device):
         loaded.append((path, device))
-        return NoiseAdapter(offset=0.2 if 'other' in path else 0.0)
+        adapter = NoiseAdapter(offset=0.2 if 'other' in path else 0.0)
+        if 'with-data' in path:  # Like an upstream pickle that records its training set.
+            adapter.training_set_kwargs = dict(path=str(tmp_path / 'data.zip'))
+        return adapter
 
     monkeypatch.setitem(sys.modules, 'adapters', types.SimpleNamespace(load_generator=load_generator))
     dnnlib.util.set_cache_dir(str(tmp_path / 'cache'))
@@ -81,3 +84,13 @@ def test_calc_metrics_reports_bad_input_in_one_line(setup, args, message):
     result = CliRunner().invoke(calc_metrics.main, ['--network=net.pkl', '--quiet', *args])
     assert result.exit_code != 0
     assert message in result.output and 'Traceback' not in result.output
+
+
+def test_calc_metrics_defaults_to_the_recorded_training_data(setup):
+    tmp_path, _ = setup
+    args = ['--metrics=fid40_full', f'--detector={tmp_path}/random-detector.pt', '--quiet', '--workers=0']
+    with_data = CliRunner().invoke(calc_metrics.main, ['--network=with-data.pkl', *args])
+    assert with_data.exit_code == 0, with_data.output
+    assert json.loads(with_data.output)['reference'] == str(tmp_path / 'data.zip')
+    without = CliRunner().invoke(calc_metrics.main, ['--network=plain.pkl', *args])
+    assert without.exit_code != 0 and 'need a reference' in without.output
