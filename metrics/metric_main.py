@@ -185,7 +185,9 @@ class MetricRunner:
     """Metrics at training snapshots (refine.py / distill.py `--metrics`).
 
     Detectors and reference statistics are loaded once and reused at every snapshot; each call samples the
-    generator once for all metrics and appends the records to `run_dir/metric-<name>.jsonl`.
+    generator once for all metrics and appends the records to `run_dir/metric-<name>.jsonl`. `reference` is a
+    dataset path, a statistics .npz, or, data-free, `GeneratorReference(teacher_adapter, num, cache_key=...)`.
+    Call it on rank 0 only: generation is not split across processes.
     """
 
     def __init__(self, metrics: Sequence[str], reference: Any = None, detector: Any = None, device: Any = 'cpu',
