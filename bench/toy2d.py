@@ -1,0 +1,132 @@
+"""Toy benchmark: refine a mode-dropping 2-D generator with IKL, with SDS, or not at all (25 Gaussians, 5x5 grid).
+
+The teacher is the exact Gaussian-mixture denoiser (`teachers.analytic.grid25`: centres -4..4, std 0.05). The
+starting generator is an MLP made to drop modes on purpose: it is first fitted to cover the square, then pulled
+to the nearest of the mixture centres *except* a held-out few, so its samples pile up on the other modes.
+Metrics on 10k samples of each generator (EMA weights for the refined ones):
+- modes covered: a mode counts when it holds at least 10 % of its fair share (1/25) of the samples within 3 std;
+- high quality: the share of samples within 3 std (0.15) of some centre;
+- reverse KL: KL(q || uniform) over the 25-mode histogram of the high-quality samples (0 is perfect).
+Scatter plots (PNG) go to --outdir. Prints a table, then one JSON object as its last line.
+"""
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ikl  # noqa: E402
+from ikl.images import save_scatter  # noqa: E402
+from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
+from teachers.analytic import grid25  # noqa: E402
+
+DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
+
+
+def mode_metrics(x: torch.Tensor, teacher) -> dict:
+    d = torch.cdist(x.double(), teacher.means).min(1)
+    hq = d.values < 3 * math.sqrt(float(teacher.variances[0, 0]))
+    counts = torch.bincount(d.indices[hq], minlength=teacher.num_components).double()
+    fair = x.shape[0] / teacher.num_components
+    q = counts / counts.sum().clamp_min(1)
+    nz = q > 0
+    rkl = float((q[nz] * (q[nz] * teacher.num_components).log()).sum())
+    return dict(modes=int((counts >= 0.1 * fair).sum()), high_quality=float(hq.double().mean()), reverse_kl=rkl)
+
+
+def make_mode_dropping_generator(teacher, steps: int, seed: int) -> MLPGenerator:
+    """Regress z -> the centre of the grid cell of Phi(z), with the cells of DROPPED modes sent to the next kept
+    mode: a smooth generator that, like a mode-dropping GAN, covers the other 20 modes with some samples between."""
+    torch.manual_seed(seed)
+    G = MLPGenerator(2, 2, 128, 3)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(G.parameters(), 1e-3)
+    side = round(math.sqrt(teacher.num_components))
+    redirect = torch.arange(teacher.num_components)
+    for k in DROPPED:
+        redirect[k] = next(j for j in list(range(k + 1, teacher.num_components)) + list(range(k)) if j not in DROPPED)
+    centres = teacher.means.float()
+    for _ in range(steps):
+        z = torch.randn(512, 2, generator=gen)
+        cell = (torch.special.ndtr(z) * side).long().clamp(0, side - 1)
+        target = centres[redirect[cell[:, 0] * side + cell[:, 1]]]
+        loss = (G(z) - target).square().sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return G
+
+
+def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDenoiser:
+    """A learned copy of the teacher (what the fake score starts from with a network teacher)."""
+    torch.manual_seed(seed + 1)
+    fake = MLPDenoiser(2, 128, 3, sigma_data=sigma_data)
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(fake.parameters(), 1e-3)
+    for _ in range(steps):
+        loss = ikl.edm_dsm_loss(fake, teacher.sample(512, gen), None, ikl.LogNormal(), gen, sigma_data=sigma_data).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return fake
+
+
+@click.command()
+@click.option('--outdir', type=str, default='bench-out/toy2d', show_default=True)
+@click.option('--kimg', type=float, default=1000, show_default=True, help='Refinement length.')
+@click.option('--batch', type=int, default=256, show_default=True)
+@click.option('--lr', type=float, default=1e-3, show_default=True)
+@click.option('--fake-lr', type=float, default=None, help='Fake-score lr (default: --lr).')
+@click.option('--fake-steps', type=int, default=1, show_default=True)
+@click.option('--P-mean', 'p_mean', type=float, default=-1.2, show_default=True)
+@click.option('--P-std', 'p_std', type=float, default=1.2, show_default=True)
+@click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
+@click.option('--normalize', type=bool, default=False, show_default=True)
+@click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
+@click.option('--init-steps', type=int, default=3000, show_default=True)
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
+def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, init_steps, seed, methods):
+    torch.set_num_threads(1)
+    os.makedirs(outdir, exist_ok=True)
+    teacher = grid25()
+    sigma_data = 2.8  # the grid's per-coordinate std (sqrt(8) for centres -4..4)
+    t0 = time.time()
+    G0 = make_mode_dropping_generator(teacher, init_steps, seed)
+    fake0 = pretrained_fake(teacher, init_steps, seed, sigma_data)
+    setup_sec = time.time() - t0
+    opts = dict(total_kimg=kimg, batch=batch, g_lr=lr, fake_lr=fake_lr or lr, fake_steps=fake_steps, P_mean=p_mean,
+                P_std=p_std, fake_P_mean=p_mean, fake_P_std=p_std, weighting=weighting, normalize=normalize,
+                sigma_data=sigma_data, ema_halflife_kimg=ema, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
+                image_ticks=None, grid_size=0, progress=False, tensorboard=False)
+    results = dict()
+    eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
+    for method in methods.split(','):
+        t1 = time.time()
+        adapter = ikl.ModuleAdapter(copy.deepcopy(G0), [2])
+        if method == 'none':
+            model = adapter
+        else:
+            fake = copy.deepcopy(fake0) if method == 'ikl' else None
+            trainer = ikl.train(adapter, teacher, fake, dict(opts, divergence=method), os.path.join(outdir, method))
+            model = trainer.ema
+        with torch.no_grad():
+            x = model.sample(10000, eval_gen())[0]
+        results[method] = dict(mode_metrics(x, teacher), seconds=round(time.time() - t1, 1))
+        save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
+
+    print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"seconds":>8}')
+    for method, r in results.items():
+        print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} {r["seconds"]:>8.1f}')
+    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, results=results)))
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter
