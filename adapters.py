@@ -6,11 +6,14 @@ core never imports `stylegan2/`. Scripts (`refine.py`, `distill.py`, `generate.p
 """
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 import ikl
+from stylegan2 import pickles
+from teachers.load import TeacherLoadError, teacher_from_pickle_data
+from teachers.sampling import edm_sampler
 
 
 def resize_images(img: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -32,10 +35,10 @@ class StyleGAN2Adapter(ikl.GeneratorAdapter):
 
     `label_dim` is what the teacher is given: G's one-hot labels when the teacher is conditional too (the two must
     have the same number of classes), 0 when the teacher is unconditional (G still gets random labels).
-    `trainable` picks the parameters that train: 'all', 'synthesis' or 'mapping'.
+    `trainable` picks the parameters that train: 'all', 'synthesis', 'mapping' or 'none' (sampling only).
     """
 
-    TRAINABLE = ('all', 'synthesis', 'mapping')
+    TRAINABLE = ('all', 'synthesis', 'mapping', 'none')
 
     def __init__(self, G: torch.nn.Module, resolution: Optional[int] = None, label_dim: Optional[int] = None,
                  truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None, noise_mode: str = 'random',
@@ -56,7 +59,8 @@ class StyleGAN2Adapter(ikl.GeneratorAdapter):
         self.noise_mode = noise_mode
         self.trainable = trainable
         G.requires_grad_(False)
-        (G if trainable == 'all' else getattr(G, trainable)).requires_grad_(True)
+        if trainable != 'none':
+            (G if trainable == 'all' else getattr(G, trainable)).requires_grad_(True)
 
     def generator_labels(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Uniform one-hot labels for G ([N, 0] for an unconditional G, as upstream passes)."""
@@ -79,3 +83,78 @@ class StyleGAN2Adapter(ikl.GeneratorAdapter):
 
     def export(self):
         return dict(G_ema=copy.deepcopy(self.G).eval().requires_grad_(False).cpu())
+
+
+class TeacherSamplerAdapter(ikl.GeneratorAdapter):
+    """A diffusion model as a (multi-step, gradient-free) generator: EDM's Heun sampler from its own noise.
+    Used to measure a teacher, or to compare a generator against teacher samples ("FID to teacher")."""
+
+    def __init__(self, net: torch.nn.Module, num_steps: int = 18, **sampler_kwargs: Any):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.img_resolution = int(net.img_resolution)
+        self.img_channels = int(net.img_channels)
+        self.label_dim = int(net.label_dim)
+        self.sampler_kwargs = dict(sampler_kwargs, num_steps=int(num_steps))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.net.parameters()), torch.empty([])).device
+
+    @torch.no_grad()
+    def sample(self, batch_size, generator=None):
+        shape = [batch_size, self.img_channels, self.img_resolution, self.img_resolution]
+        latents = torch.randn(shape, generator=generator, device=self.device)
+        labels = self.random_labels(batch_size, generator)
+        randn_like = lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        images = edm_sampler(self.net, latents, labels, randn_like=randn_like, **self.sampler_kwargs)
+        return images.to(torch.float32), labels
+
+    def export(self):
+        return dict(ema=copy.deepcopy(self.net).cpu())
+
+
+#: The kinds of generator pickle this toolkit reads, as named by `pickle_kind`.
+PICKLE_KINDS = ('stylegan2', 'one-step', 'diffusion')
+
+
+def pickle_kind(data: Any) -> str:
+    """'stylegan2' (G/D/G_ema, also TensorFlow), 'one-step' (a distilled student: `ema` with `init_sigma` or the
+    official Diff-Instruct `Sg`) or 'diffusion' (an EDM snapshot, `ema` alone) for unpickled data."""
+    if isinstance(data, dict) and 'ema' in data and not any(k in data for k in pickles.NETWORK_KEYS):
+        return 'one-step' if ('init_sigma' in data or 'Sg' in data) else 'diffusion'
+    return 'stylegan2'
+
+
+def load_generator(path_or_url: str, device: Any = 'cpu', init_sigma: Optional[float] = None,
+                   num_steps: int = 18) -> ikl.GeneratorAdapter:
+    """Any generator pickle as an adapter that samples at the generator's own resolution, in eval mode.
+
+    StyleGAN2 pickles give their G_ema (else G); distilled students sample in one step at their `init_sigma`
+    (stored by distill.py; `init_sigma` overrides it, and is needed for official Diff-Instruct pickles, which do
+    not store it: 1.0 is assumed as in their README); diffusion models sample with `num_steps` Heun steps.
+    The adapter also carries `training_set_kwargs` when the pickle names its training data.
+    Raises `stylegan2.pickles.NetworkPickleError` with a one-line message for unusable files.
+    """
+    device = torch.device(device)
+    data = pickles.read_pickle(path_or_url)
+    kind = pickle_kind(data)
+    if kind == 'stylegan2':
+        nets = pickles.interpret_network_pkl(data, str(path_or_url))
+        G = nets.get('G_ema') if nets.get('G_ema') is not None else nets.get('G')
+        if G is None:
+            raise pickles.NetworkPickleError(f'{path_or_url}: the pickle holds no generator (G_ema or G)')
+        adapter = StyleGAN2Adapter(G.eval(), trainable='none')  # noise 'random', as upstream metrics
+        adapter.training_set_kwargs = nets.get('training_set_kwargs')
+        return adapter.to(device)
+    try:
+        net = teacher_from_pickle_data(data, source=str(path_or_url)).eval().requires_grad_(False)
+    except TeacherLoadError as err:
+        raise pickles.NetworkPickleError(str(err)) from None
+    if kind == 'one-step':
+        sigma = init_sigma if init_sigma is not None else float(data.get('init_sigma', 1.0))
+        adapter = ikl.OneStepStudentAdapter(net, sigma_init=sigma).eval()
+    else:
+        adapter = TeacherSamplerAdapter(net, num_steps=num_steps)
+    adapter.training_set_kwargs = data.get('dataset_kwargs')
+    return adapter.to(device)
