@@ -136,6 +136,8 @@ def check_resume_state(path: str, net: torch.nn.Module) -> None:
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True, show_default=True)
 @click.option('--dry-run', help='Print the options and the network size, then exit', is_flag=True)
 def main(outdir, desc, resume, threads, progress, dry_run, **kwargs):
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise click.UsageError('train_teacher.py trains in a single process; run it without torchrun')
     if threads is not None:
         torch.set_num_threads(threads)
     opts = build_options(**kwargs)
