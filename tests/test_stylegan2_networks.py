@@ -249,3 +249,24 @@ def test_modulated_conv2d_half_precision_prenormalisation():
         half = networks.modulated_conv2d(x.half(), weight, styles, padding=1, fused_modconv=fused)
         assert half.dtype == torch.float16
         assert torch.allclose(half.float(), reference, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize('architecture,channels_last', [('skip', True), ('resnet', False)])
+def test_fp16_code_path_matches_fp32(monkeypatch, architecture, channels_last):
+    """The half-precision path (normally CUDA only) run on the CPU: casts, memory formats and shapes hold, and
+    the result equals the float32 one up to half-precision rounding."""
+    monkeypatch.setattr(networks, 'block_dtype', lambda use_fp16, force_fp32, device:
+                        torch.float16 if use_fp16 and not force_fp32 else torch.float32)
+    G = tiny_G(architecture, num_fp16_res=2, conv_clamp=256, fp16_channels_last=channels_last).eval()
+    D = tiny_D(architecture, num_fp16_res=2, conv_clamp=256, block_kwargs=dict(fp16_channels_last=channels_last))
+    z = torch.randn(2, 8)
+    ws = G.mapping(z, None)
+    b4, b8 = G.synthesis.b4, G.synthesis.b8
+    x, img = b4(None, None, ws[:, :b4.num_conv + b4.num_torgb])
+    x, img = b8(x, img, ws[:, b4.num_conv:b4.num_conv + b8.num_conv + b8.num_torgb])
+    assert x.dtype == torch.float16 and (img is None or img.dtype == torch.float32)
+    assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+    half, full = G(z, None, noise_mode='const'), G(z, None, noise_mode='const', force_fp32=True)
+    assert half.dtype == torch.float32 and torch.allclose(half, full, atol=2e-2)
+    assert not torch.equal(half, full)  # it really ran in half precision
+    assert torch.allclose(D(full, None), D(full, None, force_fp32=True), atol=2e-2)
