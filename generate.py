@@ -1,8 +1,7 @@
 """Generate images with any generator this toolkit loads.
 
 Handles StyleGAN2(-ADA) pickles (NVIDIA's PyTorch or TensorFlow files, and ours) and EDM-layout pickles
-(`dict(ema=...)`): diffusion models, sampled with the EDM Heun sampler, and one-step students
-(--one-step-sigma).
+(`dict(ema=...)`): diffusion models, sampled with the EDM Heun sampler, and distilled one-step students.
 
 Examples:
 
@@ -33,19 +32,13 @@ import torch
 import tqdm
 
 import dnnlib
+import adapters
 import teachers.sampling
 from teachers.load import TeacherLoadError, teacher_from_pickle_data
 from stylegan2 import pickles, scripting
 
 # ----------------------------------------------------------------------------------------------------------------
 # What a pickle holds, and how each kind renders seeds.
-
-def detect_kind(data) -> str:
-    """'stylegan2' for G/G_ema pickles (and TF ones), 'diffusion' for EDM-layout `dict(ema=...)` pickles."""
-    if isinstance(data, dict) and 'ema' in data and not any(k in data for k in pickles.NETWORK_KEYS):
-        return 'diffusion'
-    return 'stylegan2'
-
 
 def render_stylegan2(G, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
     """Upstream's latents per seed; batches of `opts.batch`; 'random' noise seeded by each batch's first seed."""
@@ -83,20 +76,22 @@ def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np
             if opts.class_idx is not None:
                 idx[:] = opts.class_idx
             labels = torch.eye(label_dim, device=opts.device)[idx]
-        sigma = torch.full([len(batch_seeds), 1, 1, 1], opts.one_step_sigma, device=opts.device)
+        sigma = torch.full([len(batch_seeds), 1, 1, 1], opts.init_sigma, device=opts.device)
         yield batch_seeds, scripting.to_uint8(net(z * sigma, sigma, labels).to(torch.float32))
 
 
 def load_renderer(network_pkl: str, opts):
     """(kind, network, render function) for a pickle; a new kind of generator is one more branch here."""
     data = pickles.read_pickle(network_pkl)
-    kind = detect_kind(data)
-    if kind == 'diffusion':
+    kind = adapters.pickle_kind(data)
+    if kind in ('diffusion', 'one-step'):
         try:
             net = teacher_from_pickle_data(data, source=network_pkl)
         except TeacherLoadError as err:
             raise pickles.NetworkPickleError(str(err)) from None
-        render = render_diffusion if opts.one_step_sigma is None else render_one_step
+        if opts.init_sigma is None and kind == 'one-step':
+            opts.init_sigma = float(data.get('init_sigma', 1.0))  # official Diff-Instruct pickles: 1.0 (README)
+        render = render_diffusion if opts.init_sigma is None else render_one_step
         return kind, net.eval().requires_grad_(False).to(opts.device), render
     nets = pickles.interpret_network_pkl(data, network_pkl)
     G = nets.get('G_ema', nets.get('G'))
@@ -144,17 +139,17 @@ def parse_seeds(ctx, param, value):
 @click.option('--batch', help='Images per batch', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--steps', help='Sampler steps (diffusion networks)', type=click.IntRange(min=1), default=18,
               show_default=True)
-@click.option('--one-step-sigma', help='Diffusion-layout networks: sample as a one-step generator '
-              'D(sigma z; sigma) at this sigma (distilled students) instead of with the EDM sampler',
+@click.option('--init-sigma', help='One-step students: sample x0 = D(sigma z; sigma) at this sigma (default: the '
+              "pickle's init_sigma, else 1.0); given for a diffusion model, samples it in one step too",
               type=click.FloatRange(min=0, min_open=True), metavar='FLOAT')
 @click.option('--device', help='Device (default: cuda if available, else cpu)', metavar='STR')
 @click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code is not on the allow-list')
 @click.option('--overwrite', is_flag=True, help='Replace existing images in --outdir')
 @click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
 def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, projected_w, grid, batch, steps,
-         one_step_sigma, device, refuse_unknown_code, overwrite, outdir):
+         init_sigma, device, refuse_unknown_code, overwrite, outdir):
     opts = dnnlib.EasyDict(trunc=trunc, trunc_cutoff=trunc_cutoff, class_idx=class_idx, noise_mode=noise_mode,
-                           batch=batch, steps=steps, one_step_sigma=one_step_sigma,
+                           batch=batch, steps=steps, init_sigma=init_sigma,
                            device=torch.device(device) if device else scripting.default_device())
     if seeds is None and projected_w is None:
         raise click.UsageError('give --seeds (e.g. --seeds=0-7) or --projected-w')
@@ -169,10 +164,10 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
     if kind == 'stylegan2' and net.c_dim > 0 and class_idx is None and projected_w is None:
         raise click.BadParameter(f'the generator is conditional ({net.c_dim} classes): choose one with --class',
                                  param_hint='--class')
-    if kind == 'diffusion' and (trunc != 1 or projected_w is not None):
+    if kind != 'stylegan2' and (trunc != 1 or projected_w is not None):
         raise click.UsageError('--trunc and --projected-w apply to StyleGAN2 generators only')
-    if kind == 'stylegan2' and one_step_sigma is not None:
-        raise click.UsageError('--one-step-sigma applies to diffusion-layout (ema) networks only')
+    if kind == 'stylegan2' and init_sigma is not None:
+        raise click.UsageError('--init-sigma applies to one-step students and diffusion models only')
     os.makedirs(outdir, exist_ok=True)
 
     if projected_w is not None:

@@ -96,13 +96,20 @@ def test_generate_samples_diffusion_pickles(tmp_path):
     assert sorted(os.listdir(tmp_path / 'o')) == ['seed0000.png', 'seed0001.png']
     assert read_png(tmp_path / 'o' / 'seed0000.png').shape == (8, 8, 3)
     # As a one-step student: x0 = D(sigma z; sigma) with z from the seed's own stream.
-    result = run(generate.main, ['--network', path, '--seeds', '4-5', '--one-step-sigma', '2.5',
+    result = run(generate.main, ['--network', path, '--seeds', '4-5', '--init-sigma', '2.5',
                                  '--outdir', str(tmp_path / 'one')])
     assert result.exit_code == 0, result.output
     z = torch.randn([1, 3, 8, 8], generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = scripting.to_uint8(net(z * 2.5, torch.full([1, 1, 1, 1], 2.5), None))[0]
     assert np.array_equal(read_png(tmp_path / 'one' / 'seed0005.png'), expected)
+    # A distilled student's pickle carries its init_sigma: one step without being told.
+    student = str(tmp_path / 'student.pkl')
+    with open(student, 'wb') as f:
+        pickle.dump(dict(ema=net, init_sigma=2.5), f)
+    result = run(generate.main, ['--network', student, '--seeds', '5', '--outdir', str(tmp_path / 'student')])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_png(tmp_path / 'student' / 'seed0005.png'), expected)
 
 
 def test_projection_lowers_its_loss():
