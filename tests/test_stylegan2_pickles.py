@@ -101,6 +101,14 @@ def test_upstream_layout_pickle_loads_and_rebuilds_as_ours(tmp_path):
     assert torch.equal(probe_D(D_ours), probe_D(D_direct))
     assert not any(p.requires_grad for p in G_ours.parameters())  # kept from the loaded network
 
+    # Exporting the loaded (foreign-code) networks keeps their code and outputs.
+    again = str(tmp_path / 'again.pkl')
+    save_network_pkl(again, **loaded)
+    reloaded = load_network_pkl(again)
+    assert type(reloaded['G_ema']).__module__ == type(G_up).__module__
+    assert reloaded['training_set_kwargs'] == loaded['training_set_kwargs']
+    assert torch.equal(probe_G(reloaded['G_ema']), probe_G(G_direct))
+
 
 def test_rebuild_accepts_stylegan3_style_flattened_synthesis_kwargs():
     _, src = foreign_networks_module(uuid.uuid4().hex)
