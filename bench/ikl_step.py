@@ -73,7 +73,7 @@ def time_unavoidable(teacher, batch: int) -> dict:
 
 @click.command()
 @click.option('--batch', type=int, default=16, show_default=True)
-@click.option('--resolution', type=int, default=16, show_default=True)
+@click.option('--resolution', type=int, default=32, show_default=True)
 @click.option('--channels', type=int, default=32, show_default=True, help='SongUNet model_channels.')
 @click.option('--dropout', type=float, default=0.1, show_default=True)
 @click.option('--iters', type=int, default=12, show_default=True, help='Timed iterations per schedule.')

@@ -28,9 +28,15 @@ from .sigmas import SigmaDistribution, get_weighting
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to `dtype` on `device` (a no-op context for None, i.e. full float32)."""
-    if dtype is None:
+def has_native_precision(module: torch.nn.Module) -> bool:
+    """NVlabs networks (EDM preconditioners, StyleGAN2 blocks) pick their own fp16 regions via `use_fp16` and assert
+    on the dtypes they see, so they must not run under autocast."""
+    return any(hasattr(m, 'use_fp16') for m in module.modules())
+
+
+def autocast(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast `module`'s forward to `dtype` (a no-op for None, i.e. float32, and for networks with native fp16)."""
+    if dtype is None or has_native_precision(module):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -101,20 +107,20 @@ class IKL(Divergence):
     `dropout_seed` reseeds torch's RNG before each network so both draw the same dropout masks."""
 
     def _fake_denoised(self, x_t, sigma, labels, x0, fake_score):
-        return fake_score(x_t, sigma, labels).float()
+        with autocast(fake_score, x_t.device, self.amp_dtype):
+            return fake_score(x_t, sigma, labels).float()
 
     def generator_loss(self, x0, labels, teacher, fake_score, generator, keep_fake_graph: bool = False,
                        dropout_seed: Optional[int] = None):
         sigma, noise = self._noisy(x0, generator)
         x0_const = x0.detach()
         x_t = x0_const + sigma * noise
-        with autocast(x0.device, self.amp_dtype):
-            with torch.no_grad():
-                _reseed(dropout_seed)
-                d_teacher = teacher(x_t, sigma, labels).float()
-            with torch.set_grad_enabled(keep_fake_graph):
-                _reseed(dropout_seed)
-                d_fake_live = self._fake_denoised(x_t, sigma, labels, x0_const, fake_score)
+        with torch.no_grad(), autocast(teacher, x0.device, self.amp_dtype):
+            _reseed(dropout_seed)
+            d_teacher = teacher(x_t, sigma, labels).float()
+        with torch.set_grad_enabled(keep_fake_graph):
+            _reseed(dropout_seed)
+            d_fake_live = self._fake_denoised(x_t, sigma, labels, x0_const, fake_score)
         with torch.no_grad():
             d_fake = d_fake_live.detach()
             direction = self.weighting(sigma) * (d_fake - d_teacher)
@@ -147,11 +153,13 @@ class SiD(Divergence):
     def generator_loss(self, x0, labels, teacher, fake_score, generator, dropout_seed: Optional[int] = None):
         sigma, noise = self._noisy(x0, generator)
         x_t = x0 + sigma * noise
-        with _frozen(teacher, fake_score), autocast(x0.device, self.amp_dtype):
-            _reseed(dropout_seed)
-            d_teacher = teacher(x_t, sigma, labels).float()
-            _reseed(dropout_seed)
-            d_fake = fake_score(x_t, sigma, labels).float()
+        with _frozen(teacher, fake_score):
+            with autocast(teacher, x0.device, self.amp_dtype):
+                _reseed(dropout_seed)
+                d_teacher = teacher(x_t, sigma, labels).float()
+            with autocast(fake_score, x0.device, self.amp_dtype):
+                _reseed(dropout_seed)
+                d_fake = fake_score(x_t, sigma, labels).float()
         gap = d_teacher - d_fake
         scale = _per_sample((x0 - d_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-8), x0)
         loss = self.weighting(sigma) * gap * ((d_teacher - x0) - self.alpha * gap) / scale
@@ -179,7 +187,7 @@ def edm_dsm_loss(net: torch.nn.Module, images: torch.Tensor, labels: Optional[to
     lam = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2. This is how the fake score tracks the generator."""
     s = _per_sample(sigma.sample(images.shape[0], generator, images.device), images)
     noise = torch.randn(images.shape, generator=generator, device=images.device)
-    with autocast(images.device, amp_dtype):
+    with autocast(net, images.device, amp_dtype):
         denoised = net(images + s * noise, s, labels).float()
     return dsm_from_forward(FakeForward(denoised, images, s), sigma_data)
 

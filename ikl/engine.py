@@ -96,7 +96,9 @@ class TrainingOptions:
     fake_forward: str = 'shared'    # shared (DSM reuses the generator step's fake forward when the sigma laws agree) | separate
     step_dropout: bool = True       # Teacher and fake in train mode (dropout, same masks) in the generator step, as upstream;
                                     # off: both in eval mode (then a shared DSM forward is dropout-free too).
-    precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)
+    precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling). Networks with their
+                                    # own `use_fp16` (EDM, StyleGAN2) skip autocast; for fp16 the teacher's, the fake's
+                                    # and the adapter's direct children's `use_fp16` is switched on (fp16 on CUDA only).
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 1000
     seed: int = 0
@@ -228,6 +230,10 @@ class Trainer:
         self.fake_score = fake_score.to(self.device).requires_grad_(True) if self.divergence.needs_fake_score else None
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.adapter = adapter.to(self.device)
+        if self.opts.precision == 'fp16':
+            for net in [self.teacher, self.fake_score, *self.adapter.children()]:
+                if net is not None and isinstance(getattr(net, 'use_fp16', None), bool):
+                    net.use_fp16 = True
         self.ema = copy.deepcopy(self.adapter).eval().requires_grad_(False)
 
         betas, eps = tuple(self.opts.betas), self.opts.adam_eps
@@ -309,7 +315,7 @@ class Trainer:
         samples = []
         for r in range(self.rounds):
             gen = self._rng(0, r)
-            with autocast(self.device, self.amp):
+            with autocast(self.adapter, self.device, self.amp):
                 x0, labels = self.adapter.sample(self.batch_gpu, gen)
             x0 = x0.float()
             kwargs = dict(dropout_seed=self._seed(3, r))
@@ -333,7 +339,7 @@ class Trainer:
 
     def _fresh_samples(self, purpose: int, r: int):
         self.adapter.eval()
-        with torch.no_grad(), autocast(self.device, self.amp):
+        with torch.no_grad(), autocast(self.adapter, self.device, self.amp):
             x, labels = self.adapter.sample(self.batch_gpu, self._rng(purpose, r))
         self.adapter.train()
         return x.float(), labels

@@ -193,3 +193,22 @@ def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path):
 
 if __name__ == '__main__':
     _ddp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_one_step_student_on_image_teacher_with_mixed_precision(tmp_path, precision):
+    """Distillation wiring: student = D(sigma_init z; sigma_init) copied from a tiny EDM U-Net, autocast, PNG grid."""
+    from teachers.networks import EDMPrecond
+    torch.manual_seed(0)
+    teacher = EDMPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8, channel_mult=[1],
+                         num_blocks=1, attn_resolutions=[], dropout=0.1)
+    adapter = ikl.OneStepStudentAdapter.from_teacher(teacher, sigma_init=1.0)
+    x, labels = adapter.sample(2, torch.Generator().manual_seed(0))
+    assert list(x.shape) == [2, 3, 8, 8] and labels is None and x.requires_grad
+    opts = dict(OPTS, batch=4, batch_gpu=4, total_kimg=0.008, tick_kimg=0.008, precision=precision, grid_size=4, image_ticks=1)
+    trainer = ikl.train(adapter, teacher, copy.deepcopy(teacher), opts, str(tmp_path))
+    assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0) or trainer.g_scaler.skipped > 0
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params)
+    assert (tmp_path / 'fakes000000.png').exists()
+    with open(tmp_path / 'network-snapshot-000000.pkl', 'rb') as f:
+        assert set(pickle.load(f)) == {'ema', 'fake_score'}

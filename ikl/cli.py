@@ -1,0 +1,108 @@
+"""What `refine.py` and `distill.py` share: the engine's command-line options, run directories, and the run itself.
+
+Both scripts are the same engine with different generator adapters, so they take the same training options
+(`engine_options`), write the same run directory (`<outdir>/<NNNNN>-<desc>` with `<name>_options.json`, `log.txt`
+and the engine's files) and resume the same way (`--resume=<run dir>` reads the saved options back).
+"""
+
+import json
+import os
+from typing import Callable, Optional
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+
+from .engine import TrainingOptions, default_snapshot, train
+
+
+class SetupError(click.ClickException):
+    """A problem with the user's input, reported as one line."""
+
+
+def engine_options(fn: Callable) -> Callable:
+    """Decorate a click command with every option of the training engine (defaults: the official settings)."""
+    options = [
+        click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=1000, show_default=True, help='Duration in thousands of generator samples'),
+        click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True, help='Global batch size'),
+        click.option('--batch-gpu', type=click.IntRange(min=1), help='Samples per process per round (gradient accumulation)'),
+        click.option('--divergence', type=click.Choice(['ikl', 'sds', 'sid']), default='ikl', show_default=True, help='Generator objective'),
+        click.option('--sigma', type=click.Choice(['lognormal', 'karras', 'fixed']), default='lognormal', show_default=True, help='Noise-level distribution'),
+        click.option('--p-mean', type=float, default=-1.2, show_default=True, help='lognormal: mean of ln(sigma)'),
+        click.option('--p-std', type=click.FloatRange(min=0), default=1.2, show_default=True, help='lognormal: std of ln(sigma)'),
+        click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True, help='Weight on the score difference'),
+        click.option('--normalize', type=bool, default=False, show_default=True, help='Per-sample normalisation (DMD-style)'),
+        click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Generator learning rate'),
+        click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Fake-score learning rate'),
+        click.option('--fake-steps', type=click.IntRange(min=1), default=1, show_default=True, help='Fake-score steps per generator step'),
+        click.option('--warmup', type=click.FloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg'),
+        click.option('--ema', type=click.FloatRange(min=0), default=500, show_default=True, help='EMA half-life of the generator, kimg'),
+        click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)'),
+        click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True, help='Autocast for the forwards (fp16 adds dynamic loss scaling)'),
+        click.option('--schedule', type=click.Choice(['reuse', 'official']), default='reuse', show_default=True, help='One generator pass per step, or the official extra pass'),
+        click.option('--tick', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick (one stats line)'),
+        click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot and grid'),
+        click.option('--grid', type=click.IntRange(min=0), default=64, show_default=True, help='Images in the sample grids'),
+        click.option('--seed', type=int, default=0, show_default=True, help='Random seed'),
+        click.option('--device', type=str, help='cuda, cpu, ... (default: cuda if available)'),
+        click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose embedded source is not on the allow-list'),
+        click.option('--no-progress', is_flag=True, help='No progress bar (a line per tick instead)'),
+        click.option('--outdir', type=click.Path(file_okay=False), default='runs', show_default=True, help='Where run directories go'),
+        click.option('--resume', type=click.Path(exists=True, file_okay=False), help='Run directory to continue'),
+        click.option('--dry-run', is_flag=True, help='Print the resolved configuration and exit'),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
+    """The engine's options from the parsed command line."""
+    return TrainingOptions.from_dict(dict(
+        total_kimg=c.kimg, batch=c.batch, batch_gpu=c.batch_gpu, divergence=c.divergence, sigma=c.sigma,
+        P_mean=c.p_mean, P_std=c.p_std, weighting=c.weighting, normalize=c.normalize, fake_steps=c.fake_steps,
+        g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, ema_halflife_kimg=c.ema,
+        ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
+        seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
+        progress=not c.no_progress))
+
+
+def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
+    """The options a run was started with (for `--resume`)."""
+    path = os.path.join(run_dir, f'{script}_options.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            c = dnnlib.EasyDict(json.load(f))
+    except (OSError, ValueError) as err:
+        raise SetupError(f'--resume {run_dir}: not a {script}.py run directory ({err})') from None
+    c.pop('resolved', None)
+    return c
+
+
+def run_name(*sources: str) -> str:
+    """A run directory suffix from file names or URLs: 'refine-cifar10-edm-cifar10-32x32-cond-vp'."""
+    return '-'.join(os.path.splitext(os.path.basename(str(s).rstrip('/')))[0] for s in sources)
+
+
+def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, teacher: torch.nn.Module,
+          fake_score: Optional[torch.nn.Module], device: torch.device, snapshot_fn: Callable = default_snapshot,
+          description: str = '') -> None:
+    """Create the run directory (new runs), save the options, tee the output to log.txt, and train."""
+    if not resume and dist.get_rank() == 0:
+        try:
+            dnnlib.util.make_run_dir(run_dir)
+        except dnnlib.util.RunDirError as err:
+            raise SetupError(f'--outdir: {err}') from None
+        with open(os.path.join(run_dir, f'{script}_options.json'), 'w', encoding='utf-8') as f:
+            json.dump(c, f, indent=2)
+    dist.barrier()
+    logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
+    try:
+        dist.print0(f'{description} -> {run_dir}')
+        train(adapter, teacher, fake_score, training_options(c), run_dir, device=device, snapshot_fn=snapshot_fn,
+              resume='auto' if resume else None)
+    finally:
+        if logger is not None:
+            logger.close()
