@@ -202,8 +202,9 @@ def test_failed_build_warns_once_is_cached_and_not_retried(tmp_path, monkeypatch
         warnings.simplefilter('error')  # No second warning in this process.
         assert custom_ops.try_get_plugin('broken_ext', ['broken.cpp'], source_dir=str(tmp_path)) is None
     monkeypatch.setattr(custom_ops, '_results', {})  # As a new process would start: the failure is on disk.
-    with pytest.raises(custom_ops.BuildError, match='earlier build failed'):
+    with pytest.raises(custom_ops.BuildError, match='earlier build failed') as error:
         custom_ops.get_plugin('broken_ext', ['broken.cpp'], source_dir=str(tmp_path))
+    assert error.value.log_path == str(logs[0])
 
 
 def test_ops_fall_back_to_ref_after_failed_build(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ trap 'rm -rf "$BUILD_DIR"' EXIT
 echo "check-cuda: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), $("$CUDA_HOME/bin/nvcc" --version | tail -1), archs $TORCH_CUDA_ARCH_LIST"
 start=$(date +%s)
 TOOLKIT_OPS_BUILD_DIR="$BUILD_DIR" PYTHONPATH="$REPO" EXTRA_INCLUDE="$SITE/nvidia/cu13/include" "$VENV/bin/python" - <<'PYEOF'
+import glob
 import os
 import sys
 
@@ -43,17 +44,16 @@ kwargs = _plugin.build_kwargs('cuda', extra_include_paths=[os.environ['EXTRA_INC
 try:
     custom_ops.get_plugin(_plugin.MODULE_NAME, **kwargs)
 except custom_ops.BuildError as e:
-    sys.exit(f'check-cuda: FAILED\n{e}\n' + open(str(e).split('full log: ')[-1]).read()[-8000:])
-import glob
-import subprocess
+    log = open(e.log_path).read()[-8000:] if e.log_path else ''
+    sys.exit(f'check-cuda: FAILED\n{e}\n{log}')
 
 library, = glob.glob(os.path.join(os.environ['TOOLKIT_OPS_BUILD_DIR'], _plugin.MODULE_NAME + '-*', '*.so'))
-elves = subprocess.run([os.path.join(os.environ['CUDA_HOME'], 'bin', 'cuobjdump'), '--list-elf', library],
-                       capture_output=True, text=True).stdout
-wanted = ['sm_' + arch.replace('.', '') for arch in os.environ['TORCH_CUDA_ARCH_LIST'].split(';')]
-missing = [arch for arch in wanted if arch not in elves]
-if missing:
-    sys.exit(f'check-cuda: FAILED: {library} has no device code for {missing}:\n{elves}')
-print(f'check-cuda: built and loaded {library} with device code for {", ".join(wanted)}')
+with open(os.path.join(os.path.dirname(library), 'build.ninja')) as f:
+    ninja = f.read()  # The nvcc command line that produced the (successfully linked and loaded) library.
+wanted = ['code=sm_' + arch.replace('.', '') for arch in os.environ['TORCH_CUDA_ARCH_LIST'].split(';')]
+missing = [flag for flag in wanted if flag not in ninja]
+if missing or 'ops_cuda.cuda.o' not in ninja:
+    sys.exit(f'check-cuda: FAILED: the build did not compile the CUDA kernels for {missing or wanted}')
+print(f'check-cuda: built and loaded {library} (device code: {", ".join(w[5:] for w in wanted)})')
 PYEOF
 echo "check-cuda: PASSED in $(( $(date +%s) - start )) s"

@@ -43,7 +43,11 @@ _IMPL_MODES = ('auto', 'ref', 'compiled')
 
 
 class BuildError(RuntimeError):
-    """The extension could not be built or loaded (the message says why and where the log is)."""
+    """The extension could not be built or loaded; `log_path` is the compiler log when there is one."""
+
+    def __init__(self, message, log_path=None):
+        super().__init__(message)
+        self.log_path = log_path
 
 
 def impl_mode():
@@ -189,7 +193,7 @@ def _build_and_load(module_name, files, sources, key, build_kwargs):
         return _load_library(path, module_name, is_python_module)
     if os.path.isfile(failure_log) and impl_mode() != 'compiled':
         raise BuildError(f'{what}: an earlier build failed (log: {failure_log}); delete that file or set '
-                         f'{IMPL_ENV}=compiled to retry')
+                         f'{IMPL_ENV}=compiled to retry', log_path=failure_log)
 
     timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, 600))
     with _file_lock(final_dir + '.lock', timeout, what):
@@ -221,7 +225,8 @@ def _build_and_load(module_name, files, sources, key, build_kwargs):
             with open(failure_log, 'w') as f:
                 f.write(message)
             first_line = next((line for line in message.splitlines() if line.strip()), message)[:300]
-            raise BuildError(f'{what}: build failed ({first_line}); full log: {failure_log}') from None
+            raise BuildError(f'{what}: build failed ({first_line}); full log: {failure_log}',
+                             log_path=failure_log) from None
         try:
             os.replace(tmp_dir, final_dir)
         except OSError:  # Cannot rename (e.g. a loaded DLL on Windows): keep the temporary directory as the build.
