@@ -11,46 +11,21 @@ Loading a pickle runs the code stored inside it: only load files you trust (see 
 
 import copy
 import json
-import os
-import re
-import sys
 from typing import Optional
 
 import click
 import torch
 
 import dnnlib
-import ikl
-from adapters import StyleGAN2Adapter
-from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_as_ours
 import teachers
+from adapters import StyleGAN2Adapter
+from ikl import cli
+from ikl.cli import SetupError
+from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_as_ours
 from torch_utils import distributed as dist
 from torch_utils import persistence
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class SetupError(click.ClickException):
-    """A problem with the user's input, reported as one line."""
-
-
-def next_run_dir(outdir: str, desc: str) -> str:
-    """`outdir/NNNNN-desc`, numbered after existing runs, so nothing a user made is ever overwritten."""
-    try:
-        names = os.listdir(outdir) if os.path.isdir(outdir) else []
-    except OSError as err:
-        raise SetupError(f'--outdir {outdir}: cannot list ({err.strerror})') from None
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', name) for name in names) if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-
-
-def make_run_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=False)
-    except FileExistsError:
-        raise SetupError(f'{path} already exists; refusing to overwrite a run directory') from None
-    except OSError as err:
-        raise SetupError(f'--outdir: cannot create {path} ({err.strerror})') from None
 
 
 def check_labels(g_classes: int, t_classes: int, generator: str, teacher: str) -> int:
@@ -78,6 +53,7 @@ def load_generator_networks(path: str, source_net: str) -> dict:
 
 
 def load_teacher(name: str, device: torch.device) -> torch.nn.Module:
+    """The teacher, with a one-line error for anything unusable."""
     try:
         return teachers.load(name, device=device)
     except teachers.TeacherLoadError as err:
@@ -96,16 +72,6 @@ def refine_snapshot(original: dict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def training_options(c: dnnlib.EasyDict) -> dict:
-    """The `ikl.TrainingOptions` fields from the command line."""
-    return dict(total_kimg=c.kimg, batch=c.batch, batch_gpu=c.batch_gpu, divergence=c.divergence, sigma=c.sigma,
-                P_mean=c.p_mean, P_std=c.p_std, weighting=c.weighting, normalize=c.normalize, fake_steps=c.fake_steps,
-                g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, ema_halflife_kimg=c.ema,
-                ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule,
-                precision=c.precision, seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap,
-                grid_size=c.grid, progress=not c.no_progress)
-
-
 def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool) -> None:
     device = dist.init(device=c.device)
     if c.refuse_unknown_code:
@@ -119,7 +85,7 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool)
     label_dim = check_labels(G.c_dim, teacher.label_dim, c.network, c.teacher)
     adapter = StyleGAN2Adapter(G, resolution=teacher.img_resolution, label_dim=label_dim, truncation_psi=c.trunc,
                                noise_mode=c.noise_mode, trainable=c.train)
-    opts = ikl.TrainingOptions.from_dict(training_options(c))
+    opts = cli.training_options(c)
     c.resolved = dict(generator=dict(resolution=G.img_resolution, channels=G.img_channels, classes=G.c_dim,
                                      trainable_params=sum(p.numel() for p in adapter.parameters() if p.requires_grad)),
                       teacher=dict(resolution=teacher.img_resolution, channels=teacher.img_channels,
@@ -128,22 +94,10 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool)
     if dry_run:
         print(json.dumps(c, indent=2))
         return
-
-    if not resume and dist.get_rank() == 0:
-        make_run_dir(run_dir)
-        with open(os.path.join(run_dir, 'refine_options.json'), 'w', encoding='utf-8') as f:
-            json.dump(c, f, indent=2)
-    dist.barrier()
-    logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
-    try:
-        dist.print0(f'Refining {c.network} ({c.source_net}, {G.img_resolution}px, {G.c_dim} classes) with teacher '
-                    f'{c.teacher} ({teacher.img_resolution}px) into {run_dir}')
-        fake_score = copy.deepcopy(teacher).train().requires_grad_(True) if opts.divergence != 'sds' else None
-        ikl.train(adapter, teacher, fake_score, opts, run_dir, device=device, snapshot_fn=refine_snapshot(original),
-                  resume='auto' if resume else None)
-    finally:
-        if logger is not None:
-            logger.close()
+    fake_score = copy.deepcopy(teacher).train().requires_grad_(True) if opts.divergence != 'sds' else None
+    cli.start('refine', c, run_dir, resume, adapter, teacher, fake_score, device, snapshot_fn=refine_snapshot(original),
+              description=f'Refining {c.network} ({c.source_net}, {G.img_resolution}px, {G.c_dim} classes) with '
+                          f'{c.teacher} ({teacher.img_resolution}px)')
 
 
 @click.command(epilog='''\b
@@ -161,54 +115,21 @@ Examples:
   torchrun --nproc_per_node=4 refine.py --network=... --teacher=... --batch=256''')
 @click.option('--network', metavar='PKL|URL', help='StyleGAN2 pickle to refine (upstream, ours, or TensorFlow)')
 @click.option('--teacher', metavar='PKL|URL|NAME', help='EDM teacher pickle, URL or official short name (e.g. cifar10-cond)')
-@click.option('--outdir', type=click.Path(file_okay=False), default='runs', show_default=True, help='Where run directories go')
-@click.option('--resume', type=click.Path(exists=True, file_okay=False), help='Run directory to continue')
 @click.option('--source-net', type=click.Choice(['G_ema', 'G']), default='G_ema', show_default=True, help='Which generator of the pickle to refine')
-@click.option('--train', type=click.Choice(StyleGAN2Adapter.TRAINABLE), default='all', show_default=True, help='Which generator parameters train')
+@click.option('--train', type=click.Choice(['all', 'synthesis', 'mapping']), default='all', show_default=True, help='Which generator parameters train')
 @click.option('--trunc', type=click.FloatRange(min=0), default=1.0, show_default=True, help='Truncation psi during training')
 @click.option('--noise-mode', type=click.Choice(['random', 'const', 'none']), default='random', show_default=True, help='Synthesis noise during training')
-@click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=1000, show_default=True, help='Duration in thousands of generator samples')
-@click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True, help='Global batch size')
-@click.option('--batch-gpu', type=click.IntRange(min=1), help='Samples per process per round (gradient accumulation)')
-@click.option('--divergence', type=click.Choice(['ikl', 'sds', 'sid']), default='ikl', show_default=True, help='Generator objective')
-@click.option('--sigma', type=click.Choice(['lognormal', 'karras', 'fixed']), default='lognormal', show_default=True, help='Noise-level distribution')
-@click.option('--p-mean', type=float, default=-1.2, show_default=True, help='lognormal: mean of ln(sigma)')
-@click.option('--p-std', type=click.FloatRange(min=0), default=1.2, show_default=True, help='lognormal: std of ln(sigma)')
-@click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True, help='Weight on the score difference')
-@click.option('--normalize', type=bool, default=False, show_default=True, help='Per-sample normalisation (DMD-style)')
-@click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Generator learning rate')
-@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Fake-score learning rate')
-@click.option('--fake-steps', type=click.IntRange(min=1), default=1, show_default=True, help='Fake-score steps per generator step')
-@click.option('--warmup', type=click.FloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg')
-@click.option('--ema', type=click.FloatRange(min=0), default=500, show_default=True, help='EMA half-life of G_ema, kimg')
-@click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)')
-@click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True, help='Autocast for teacher and fake score')
-@click.option('--schedule', type=click.Choice(['reuse', 'official']), default='reuse', show_default=True, help='One generator pass per step, or the official extra pass')
-@click.option('--tick', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick (stats line)')
-@click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot and grid')
-@click.option('--grid', type=click.IntRange(min=0), default=64, show_default=True, help='Images in the sample grids')
-@click.option('--seed', type=int, default=0, show_default=True, help='Random seed')
-@click.option('--device', type=str, help='cuda, cpu, ... (default: cuda if available)')
-@click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose embedded source is not on the allow-list')
-@click.option('--no-progress', is_flag=True, help='No progress bar (log a line per tick instead)')
-@click.option('--dry-run', is_flag=True, help='Print the resolved configuration and exit')
+@cli.engine_options
 def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""
     if resume:
-        try:
-            with open(os.path.join(resume, 'refine_options.json'), encoding='utf-8') as f:
-                c = dnnlib.EasyDict(json.load(f))
-        except (OSError, ValueError) as err:
-            raise SetupError(f'--resume {resume}: not a refine run directory ({err})') from None
-        c.pop('resolved', None)
-        run(c, resume, resume=True, dry_run=dry_run)
+        run(cli.load_options(resume, 'refine'), resume, resume=True, dry_run=dry_run)
         return
     c = dnnlib.EasyDict(kwargs)
     for name in ('network', 'teacher'):
         if not c[name]:
             raise click.UsageError(f'--{name} is required (or --resume to continue a run)')
-    base = lambda p: os.path.splitext(os.path.basename(str(p).rstrip('/')))[0]
-    run_dir = None if dry_run else next_run_dir(c.outdir, f'refine-{base(c.network)}-{base(c.teacher)}')
+    run_dir = None if dry_run else dnnlib.util.next_run_dir(c.outdir, 'refine-' + cli.run_name(c.network, c.teacher))
     run(c, run_dir, resume=False, dry_run=dry_run)
 
 

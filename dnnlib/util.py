@@ -420,3 +420,29 @@ def _download(url: str, num_attempts: int, verbose: bool) -> Tuple[bytes, str]:
         f'Could not download {url} ({type(last_error).__name__}: {last_error}). '
         f'If you are offline, download the file elsewhere and pass its local path instead of the URL, '
         f'or place it in the cache directory {make_cache_dir_path("downloads")}.')
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directories.
+
+class RunDirError(OSError):
+    """A run directory cannot be created; the message is one line for the user."""
+
+
+def next_run_dir(outdir: str, desc: str) -> str:
+    """`outdir/NNNNN-desc`, numbered after the runs already there, so an existing run is never reused."""
+    try:
+        names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    except OSError as err:
+        raise RunDirError(f'{outdir}: cannot list the output directory ({err.strerror})') from None
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', name) for name in names) if m]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def make_run_dir(path: str) -> None:
+    """Create a new run directory; never reuse an existing one (nothing a user made is overwritten)."""
+    try:
+        os.makedirs(path, exist_ok=False)
+    except FileExistsError:
+        raise RunDirError(f'{path} already exists; refusing to overwrite a run directory') from None
+    except OSError as err:
+        raise RunDirError(f'cannot create run directory {path} ({err.strerror})') from None
