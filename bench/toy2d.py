@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
 from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
-from teachers.analytic import grid25  # noqa: E402
+from teachers.analytic import GaussianMixture, grid25  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
 
@@ -41,27 +41,15 @@ def mode_metrics(x: torch.Tensor, teacher) -> dict:
     return dict(modes=int((counts >= 0.1 * fair).sum()), high_quality=float(hq.double().mean()), reverse_kl=rkl)
 
 
-def make_mode_dropping_generator(teacher, steps: int, seed: int) -> MLPGenerator:
-    """Regress z -> the centre of the grid cell of Phi(z), with the cells of DROPPED modes sent to the next kept
-    mode: a smooth generator that, like a mode-dropping GAN, covers the other 20 modes with some samples between."""
+def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_steps: int, seed: int, outdir: str):
+    """Collapse on purpose: instruct a fresh MLP generator (IKL) by the mixture *without* the DROPPED modes."""
+    kept = [k for k in range(teacher.num_components) if k not in DROPPED]
+    partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
-    G = MLPGenerator(2, 2, 128, 3)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(G.parameters(), 1e-3)
-    side = round(math.sqrt(teacher.num_components))
-    redirect = torch.arange(teacher.num_components)
-    for k in DROPPED:
-        redirect[k] = next(j for j in list(range(k + 1, teacher.num_components)) + list(range(k)) if j not in DROPPED)
-    centres = teacher.means.float()
-    for _ in range(steps):
-        z = torch.randn(512, 2, generator=gen)
-        cell = (torch.special.ndtr(z) * side).long().clamp(0, side - 1)
-        target = centres[redirect[cell[:, 0] * side + cell[:, 1]]]
-        loss = (G(z) - target).square().sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return G
+    adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, 128, 3), [2])
+    fake = pretrained_fake(partial, fake_steps, seed, opts['sigma_data'])
+    trainer = ikl.train(adapter, partial, fake, dict(opts, total_kimg=kimg, seed=seed + 7), os.path.join(outdir, 'start'))
+    return trainer.ema.G
 
 
 def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDenoiser:
@@ -90,22 +78,24 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDen
 @click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
 @click.option('--normalize', type=bool, default=False, show_default=True)
 @click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
-@click.option('--init-steps', type=int, default=3000, show_default=True)
+@click.option('--start-kimg', type=float, default=1000, show_default=True, help='Training of the mode-dropping start.')
+@click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
-def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, init_steps, seed, methods):
+def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, start_kimg, fake_init_steps,
+         seed, methods):
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
     sigma_data = 2.8  # the grid's per-coordinate std (sqrt(8) for centres -4..4)
-    t0 = time.time()
-    G0 = make_mode_dropping_generator(teacher, init_steps, seed)
-    fake0 = pretrained_fake(teacher, init_steps, seed, sigma_data)
-    setup_sec = time.time() - t0
     opts = dict(total_kimg=kimg, batch=batch, g_lr=lr, fake_lr=fake_lr or lr, fake_steps=fake_steps, P_mean=p_mean,
                 P_std=p_std, fake_P_mean=p_mean, fake_P_std=p_std, weighting=weighting, normalize=normalize,
                 sigma_data=sigma_data, ema_halflife_kimg=ema, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
                 image_ticks=None, grid_size=0, progress=False, tensorboard=False)
+    t0 = time.time()
+    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir)
+    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data)
+    setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
     for method in methods.split(','):

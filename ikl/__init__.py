@@ -13,8 +13,12 @@ How `refine.py` and `distill.py` use it::
 - `TrainingOptions` (a dataclass, JSON-serialisable via `to_dict()`, built from a dict with `from_dict()` which
   rejects unknown names): batch/batch_gpu, divergence (`ikl`, `sds`, `sid`), sigma law (`lognormal`, `karras`,
   `fixed`) and weighting (`denoiser`, `score`), normalisation, fake-score steps and lr, Adam betas, warm-up, EMA
-  half-life and ramp-up, schedule (`reuse` | `official`), precision (`fp32`, `bf16`, `fp16` with dynamic loss
-  scaling), seed, tick/snapshot/image intervals. Defaults are the official Diff-Instruct settings.
+  half-life and ramp-up, schedule (`reuse` | `official`), `fake_forward` (`shared`: the fake score's forward in the
+  generator step also serves its DSM loss), `step_dropout` (upstream's dropout with equal masks in the generator
+  step), precision (`fp32`, `bf16`, `fp16` with dynamic loss scaling; NVlabs networks use their own `use_fp16`),
+  seed, tick/snapshot/image intervals. Defaults are the official Diff-Instruct settings.
+- Every iteration: one generator forward+backward, one teacher forward, one fake forward+backward (see
+  `ikl.engine`'s docstring for the order and its effect); bad (NaN/Inf) steps are skipped and counted.
 - Run directory: `network-snapshot-{kimg:06d}.pkl` (by default the EMA adapter's `export()` plus `fake_score`;
   pass `snapshot_fn(adapter, ema, fake_score) -> dict` to choose), `training-state-{kimg:06d}.pt` (everything for
   exact resume), `stats.jsonl`, `ikl_options.json`, preview PNGs `fakes*.png`, TensorBoard events if installed.

@@ -227,6 +227,8 @@ class Trainer:
         self.fake_sigma = LogNormal(self.opts.fake_P_mean, self.opts.fake_P_std)
         if self.divergence.needs_fake_score and fake_score is None:
             raise ValueError(f'divergence {self.opts.divergence!r} needs a fake-score network (usually a copy of the teacher)')
+        if fake_score is not None and fake_score is teacher:
+            raise ValueError('fake score: pass a copy of the teacher (copy.deepcopy), not the teacher itself')
         self.fake_score = fake_score.to(self.device).requires_grad_(True) if self.divergence.needs_fake_score else None
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.adapter = adapter.to(self.device)
