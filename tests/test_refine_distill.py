@@ -1,0 +1,185 @@
+"""refine.py and distill.py end to end on tiny networks (in-process CLI)."""
+
+import glob
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import distill
+import generate
+import refine
+from stylegan2 import networks as sg
+from stylegan2.pickles import load_network_pkl, save_network_pkl
+from teachers import networks as tn
+
+FAST = ['--batch', '4', '--tick', '0.008', '--snap', '1', '--grid', '4', '--no-progress', '--device', 'cpu',
+        '--glr', '1e-3', '--lr', '1e-3']
+
+
+def tiny_teacher(resolution=8, label_dim=0, channels=1, seed=0):
+    torch.manual_seed(seed)
+    return tn.EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=label_dim, model_type='SongUNet',
+                         model_channels=8, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def tiny_G(resolution=16, c_dim=0, channels=1, seed=0):
+    torch.manual_seed(seed)
+    return sg.Generator(z_dim=8, c_dim=c_dim, w_dim=8, img_resolution=resolution, img_channels=channels,
+                        mapping_kwargs=dict(num_layers=1), synthesis_kwargs=dict(channel_base=64, channel_max=8))
+
+
+def write_teacher(path, **kwargs):
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=tiny_teacher(**kwargs).eval(), loss_fn=None, augment_pipe=None, dataset_kwargs=None), f)
+    return str(path)
+
+
+def write_generator(path, resolution=16, c_dim=0, channels=1):
+    G = tiny_G(resolution, c_dim, channels)
+    D = sg.Discriminator(c_dim=c_dim, img_resolution=resolution, img_channels=channels, channel_base=64, channel_max=8)
+    save_network_pkl(str(path), G=G, D=D, G_ema=G)
+    return str(path)
+
+
+def invoke(command, args):
+    result = CliRunner().invoke(command, args)
+    return result
+
+
+def only_run_dir(outdir):
+    runs = sorted(glob.glob(os.path.join(outdir, '0*')))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def last_snapshot(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))[-1]
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('nets')
+    return dict(teacher8=write_teacher(d / 't8.pkl'), teacher8_cond=write_teacher(d / 't8c.pkl', label_dim=3),
+                teacher8_rgb=write_teacher(d / 't8rgb.pkl', channels=3),
+                g16=write_generator(d / 'g16.pkl'), g16_cond=write_generator(d / 'g16c.pkl', c_dim=3),
+                g16_cond5=write_generator(d / 'g16c5.pkl', c_dim=5))
+
+
+def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_path, files):
+    outdir = str(tmp_path / 'runs')
+    result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--outdir', outdir,
+                                  '--kimg', '0.016'] + FAST)
+    assert result.exit_code == 0, result.output
+    run_dir = only_run_dir(outdir)
+    options = json.load(open(os.path.join(run_dir, 'refine_options.json')))
+    assert options['network'] == files['g16'] and options['kimg'] == 0.016
+    for name in ('log.txt', 'stats.jsonl', 'fakes_init.png'):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+
+    data = load_network_pkl(last_snapshot(run_dir))
+    assert set(data) >= {'G', 'D', 'G_ema', 'augment_pipe', 'training_set_kwargs'}
+    original = load_network_pkl(files['g16'])
+    # The refined G_ema is a 16 px generator that moved; D is the original one.
+    assert data['G_ema'].img_resolution == 16
+    moved = [float((a - b).abs().max()) for a, b in zip(data['G_ema'].parameters(), original['G_ema'].parameters())]
+    assert max(moved) > 0
+    for a, b in zip(data['D'].parameters(), original['D'].parameters()):
+        assert torch.equal(a, b)
+    z = torch.randn(2, 8)
+    assert data['G_ema'](z, None, noise_mode='const').shape == (2, 1, 16, 16)
+
+
+def test_refine_resume_continues_exactly(tmp_path, files):
+    args = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '3'] + FAST
+    # Uninterrupted: 4 iterations.
+    assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016']).exit_code == 0
+    # Interrupted after 2 iterations, then resumed to 4 with the run's own options.
+    assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'b'), '--kimg', '0.008']).exit_code == 0
+    run_b = only_run_dir(str(tmp_path / 'b'))
+    options_path = os.path.join(run_b, 'refine_options.json')
+    options = json.load(open(options_path))
+    options['kimg'] = 0.016
+    json.dump(options, open(options_path, 'w'))
+    result = invoke(refine.main, ['--resume', run_b])
+    assert result.exit_code == 0, result.output
+    a = load_network_pkl(last_snapshot(only_run_dir(str(tmp_path / 'a'))))
+    b = load_network_pkl(last_snapshot(run_b))
+    for key in ('G', 'G_ema'):
+        for pa, pb in zip(a[key].parameters(), b[key].parameters()):
+            assert torch.equal(pa, pb), key
+
+
+def test_refine_conditional_generator_with_conditional_teacher(tmp_path, files):
+    result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'],
+                                  '--outdir', str(tmp_path), '--kimg', '0.008'] + FAST)
+    assert result.exit_code == 0, result.output
+    data = load_network_pkl(last_snapshot(only_run_dir(str(tmp_path))))
+    assert data['G_ema'].c_dim == 3
+
+
+@pytest.mark.parametrize('network, teacher, message', [
+    ('g16', 'teacher8_cond', 'is class-conditional (3 classes) but'),
+    ('g16_cond5', 'teacher8_cond', 'has 5 classes but'),
+    ('g16', 'teacher8_rgb', 'makes 1-channel images but'),
+    ('teacher8', 'teacher8', 'expected a StyleGAN2 network pickle'),
+    ('g16', 'g16', 'not an EDM teacher'),
+])
+def test_refine_mismatch_errors_are_one_line(tmp_path, files, network, teacher, message):
+    result = invoke(refine.main, ['--network', files[network], '--teacher', files[teacher], '--dry-run'])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert 'Traceback' not in result.output and result.output.strip().count('\n') == 0
+
+
+def test_refine_conditional_generator_with_unconditional_teacher_dry_run(files):
+    result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8'], '--dry-run'])
+    assert result.exit_code == 0, result.output
+    resolved = json.loads(result.output)['resolved']
+    assert resolved['teacher_sees_labels'] is False and resolved['generator']['classes'] == 3
+
+
+def test_refine_bad_files_and_outdir(tmp_path, files):
+    corrupt = tmp_path / 'corrupt.pkl'
+    corrupt.write_bytes(b'not a pickle at all')
+    result = invoke(refine.main, ['--network', str(corrupt), '--teacher', files['teacher8'], '--dry-run'])
+    assert result.exit_code != 0 and 'corrupt.pkl' in result.output and 'Traceback' not in result.output
+    result = invoke(refine.main, ['--network', str(tmp_path / 'missing.pkl'), '--teacher', files['teacher8'], '--dry-run'])
+    assert result.exit_code != 0 and 'missing.pkl' in result.output
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('x')
+    result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'],
+                                  '--outdir', str(blocker / 'runs'), '--kimg', '0.004'] + FAST)
+    assert result.exit_code != 0 and 'cannot create run directory' in result.output
+
+
+def test_distill_one_step_end_to_end_then_generate(tmp_path, files):
+    outdir = str(tmp_path / 'runs')
+    result = invoke(distill.main, ['--teacher', files['teacher8_cond'], '--init-sigma', '2.5', '--outdir', outdir,
+                                   '--kimg', '0.008'] + FAST)
+    assert result.exit_code == 0, result.output
+    snapshot = last_snapshot(only_run_dir(outdir))
+    with open(snapshot, 'rb') as f:
+        data = pickle.load(f)
+    assert data['init_sigma'] == 2.5 and data['ema'].label_dim == 3
+    teacher = pickle.load(open(files['teacher8_cond'], 'rb'))['ema']
+    moved = [float((a - b).detach().abs().max()) for a, b in zip(data['ema'].parameters(), teacher.parameters())]
+    assert max(moved) > 0
+    gen_dir = str(tmp_path / 'gen')
+    result = invoke(generate.main, ['--network', snapshot, '--seeds', '0-2', '--class', '1', '--outdir', gen_dir,
+                                    '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(gen_dir)) == ['seed0000.png', 'seed0001.png', 'seed0002.png']
+
+
+def test_distill_stylegan2_student_loads_as_upstream_layout(tmp_path, files):
+    outdir = str(tmp_path / 'runs')
+    result = invoke(distill.main, ['--teacher', files['teacher8'], '--student', 'stylegan2', '--z-dim', '8',
+                                   '--cbase', '64', '--cmax', '8', '--outdir', outdir, '--kimg', '0.008'] + FAST)
+    assert result.exit_code == 0, result.output
+    data = load_network_pkl(last_snapshot(only_run_dir(outdir)))
+    assert data['G_ema'].img_resolution == 8 and data['D'] is not None
