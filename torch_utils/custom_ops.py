@@ -224,7 +224,8 @@ def _build_and_load(module_name, files, sources, key, build_kwargs):
             message = f'{type(e).__name__}: {e}'
             with open(failure_log, 'w') as f:
                 f.write(message)
-            first_line = next((line for line in message.splitlines() if line.strip()), message)[:300]
+            lines = [line for line in message.splitlines() if line.strip()] or [message]
+            first_line = next((line for line in lines if 'error:' in line.lower()), lines[0])[:300]
             raise BuildError(f'{what}: build failed ({first_line}); full log: {failure_log}',
                              log_path=failure_log) from None
         try:

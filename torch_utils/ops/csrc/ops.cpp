@@ -105,6 +105,47 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b,
 //----------------------------------------------------------------------------------------------------------------
 // upfirdn2d
 
+// One call's rows [begin, end) of output planes; samples whose tap counts equal (COUNT_Y, COUNT_X) take the
+// unrolled path (COUNT_Y = 0 disables it), the rest (image borders, other filters) the general one.
+template <int COUNT_Y, int COUNT_X, typename scalar_t, typename acc_t>
+void upfirdn2d_cpu_rows(scalar_t* out, const scalar_t* x, const acc_t* g, const TapRange* cols, Upfirdn2dShape s,
+                        int upy, int downy, int pady0, int upx, int64_t begin, int64_t end)
+{
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t plane = r / s.out_h;
+        const TapRange ry = tap_range((int)(r % s.out_h), upy, downy, pady0, s.in_h, s.taps_y);
+        const scalar_t* in_plane = x + plane * s.in_h * (int64_t)s.in_w;
+        scalar_t* out_row = out + r * s.out_w;
+        for (int ox = 0; ox < s.out_w; ox++) {
+            const TapRange rx = cols[ox];
+            acc_t v;
+            if (COUNT_Y > 0 && ry.count == COUNT_Y && rx.count == COUNT_X)
+                v = upfirdn2d_sample_fixed<(COUNT_Y > 0 ? COUNT_Y : 1), COUNT_X, acc_t>(in_plane, s.in_w, g, s.taps_x,
+                                                                                       upx, upy, ry, rx);
+            else
+                v = upfirdn2d_sample<acc_t>(in_plane, s.in_w, g, s.taps_x, upx, upy, ry, rx);
+            out_row[ox] = (scalar_t)v;
+        }
+    }
+}
+
+template <typename scalar_t, typename acc_t>
+void upfirdn2d_cpu_rows_any(int count_y, int count_x, scalar_t* out, const scalar_t* x, const acc_t* g,
+                            const TapRange* cols, Upfirdn2dShape s, int upy, int downy, int pady0, int upx,
+                            int64_t begin, int64_t end)
+{
+    using F = void (*)(scalar_t*, const scalar_t*, const acc_t*, const TapRange*, Upfirdn2dShape, int, int, int, int,
+                       int64_t, int64_t);
+    F rows = &upfirdn2d_cpu_rows<0, 0, scalar_t, acc_t>;
+    if (count_y == 1 && count_x == 2) rows = &upfirdn2d_cpu_rows<1, 2, scalar_t, acc_t>;
+    if (count_y == 2 && count_x == 1) rows = &upfirdn2d_cpu_rows<2, 1, scalar_t, acc_t>;
+    if (count_y == 2 && count_x == 2) rows = &upfirdn2d_cpu_rows<2, 2, scalar_t, acc_t>;
+    if (count_y == 1 && count_x == 4) rows = &upfirdn2d_cpu_rows<1, 4, scalar_t, acc_t>;
+    if (count_y == 4 && count_x == 1) rows = &upfirdn2d_cpu_rows<4, 1, scalar_t, acc_t>;
+    if (count_y == 4 && count_x == 4) rows = &upfirdn2d_cpu_rows<4, 4, scalar_t, acc_t>;
+    rows(out, x, g, cols, s, upy, downy, pady0, upx, begin, end);
+}
+
 at::Tensor upfirdn2d_cpu(const at::Tensor& x, const at::Tensor& g, int64_t upx, int64_t upy, int64_t downx,
                          int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1)
 {
@@ -116,6 +157,8 @@ at::Tensor upfirdn2d_cpu(const at::Tensor& x, const at::Tensor& g, int64_t upx, 
     std::vector<TapRange> cols(s.out_w);
     for (int ox = 0; ox < s.out_w; ox++)
         cols[ox] = tap_range(ox, (int)upx, (int)downx, (int)padx0, s.in_w, s.taps_x);
+    const int count_y = (s.taps_y + (int)upy - 1) / (int)upy;  // taps per sample away from the borders
+    const int count_x = (s.taps_x + (int)upx - 1) / (int)upx;
     const int64_t rows = s.planes * s.out_h;
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, s.out_w * s.taps_x));
     AT_DISPATCH_FLOATING_TYPES_AND_HALF(x.scalar_type(), "toolkit_ops::upfirdn2d", [&] {
@@ -123,18 +166,10 @@ at::Tensor upfirdn2d_cpu(const at::Tensor& x, const at::Tensor& g, int64_t upx, 
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const acc_t* gp = g.const_data_ptr<acc_t>();
         scalar_t* op = out.data_ptr<scalar_t>();
-        const TapRange* col_ranges = cols.data();
+        const TapRange* cp = cols.data();
+        const int uy = (int)upy, dy = (int)downy, py = (int)pady0, ux = (int)upx;
         at::parallel_for(0, rows, grain, [=](int64_t begin, int64_t end) {  // By copy: no aliasing with outputs.
-            for (int64_t r = begin; r < end; r++) {
-                const int64_t plane = r / s.out_h;
-                const int oy = (int)(r % s.out_h);
-                const TapRange ry = tap_range(oy, (int)upy, (int)downy, (int)pady0, s.in_h, s.taps_y);
-                const scalar_t* in_plane = xp + plane * s.in_h * (int64_t)s.in_w;
-                scalar_t* out_row = op + r * s.out_w;
-                for (int ox = 0; ox < s.out_w; ox++)
-                    out_row[ox] = (scalar_t)upfirdn2d_sample<acc_t>(in_plane, s.in_w, gp, s.taps_x, (int)upx,
-                                                                    (int)upy, ry, col_ranges[ox]);
-            }
+            upfirdn2d_cpu_rows_any<scalar_t, acc_t>(count_y, count_x, op, xp, gp, cp, s, uy, dy, py, ux, begin, end);
         });
     });
     return out;

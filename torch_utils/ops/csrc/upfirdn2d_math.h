@@ -51,4 +51,26 @@ TK_HOST_DEVICE acc_t upfirdn2d_sample(const scalar_t* plane, int64_t in_w, const
     return sum;
 }
 
+// The same sum with compile-time tap counts (loops fully unrolled), for the interior samples of the common small
+// filters; the summation order is that of upfirdn2d_sample, so both give identical results.
+template <int COUNT_Y, int COUNT_X, typename acc_t, typename scalar_t>
+TK_HOST_DEVICE acc_t upfirdn2d_sample_fixed(const scalar_t* plane, int64_t in_w, const acc_t* g, int taps_x,
+                                            int upx, int upy, TapRange ry, TapRange rx)
+{
+    acc_t sum = acc_t(0);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int ky = 0; ky < COUNT_Y; ky++) {
+        const scalar_t* row = plane + (int64_t)(ry.first_input + ky) * in_w + rx.first_input;
+        const acc_t* taps = g + (int64_t)(ry.first_tap + ky * upy) * taps_x + rx.first_tap;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+        for (int kx = 0; kx < COUNT_X; kx++)
+            sum += static_cast<acc_t>(row[kx]) * taps[kx * upx];
+    }
+    return sum;
+}
+
 }  // namespace toolkit_ops
