@@ -475,7 +475,7 @@ class Trainer:
             while self.cur_nimg < total_nimg:
                 self.step()
                 if bar is not None:
-                    bar.update(o.batch / 1000)
+                    bar.update(self.cur_nimg / 1000 - bar.n)  # exact position, no drift
                 done = self.cur_nimg >= total_nimg
                 if not done and self.cur_nimg < self.tick_start_nimg + o.tick_kimg * 1000:
                     continue
@@ -517,8 +517,9 @@ class Trainer:
         if self.rank != 0 or not self.opts.progress:
             return None
         import tqdm
-        return tqdm.tqdm(total=total_nimg / 1000, initial=self.cur_nimg / 1000, unit='kimg', dynamic_ncols=True,
-                         bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}, {rate_fmt}]')
+        batch = self.opts.batch
+        return tqdm.tqdm(total=(-(-total_nimg // batch) * batch) / 1000, initial=self.cur_nimg / 1000, unit='kimg',
+                         dynamic_ncols=True, bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}, {rate_fmt}]')
 
     def _tensorboard(self):
         try:

@@ -53,6 +53,7 @@ def _estimate(divergence, mu, log_s, m, v, batch, repeats, seed=0):
     (1, LogNormal(-1.2, 1.2), 'denoiser'),           # the official estimator
     (2, LogNormal(0.0, 1.0), 'score'),
     (2, Karras(0.002, 80.0, 7.0, 1000, 0.0, 0.8), 'denoiser'),  # SiD/DMD-style discrete schedule
+    (2, Fixed(0.01), 'score'),                       # the t = 0 limit: the plain KL gradient
 ])
 def test_ikl_gradient_matches_closed_form(dim, sigma_dist, weighting):
     gen = torch.Generator().manual_seed(dim)
