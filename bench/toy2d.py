@@ -100,7 +100,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
     for method in methods.split(','):
         t1 = time.time()
-        adapter = ikl.ModuleAdapter(copy.deepcopy(G0), [2])
+        adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [2])
         if method == 'none':
             model = adapter
         else:

@@ -13,12 +13,11 @@ Per iteration (schedule `reuse`, the default):
    iteration this costs one generator forward+backward, one teacher forward and one fake forward+backward: the
    passes no schedule can avoid. The only statistical difference from separate draws is that the generator's
    and the fake's losses share their (sigma, noise) draws. Further fake steps draw fresh no-grad samples.
-   The fake score therefore fits samples of the generator *before* this iteration's
-   update, and the next generator step uses it: it lags the generator by one step (the official schedule fits the
-   fake score to the current generator, then updates the generator, at the cost of a second generator forward).
-   At the small learning rates used for Diff-Instruct the two are indistinguishable in practice; `schedule=
-   'official'` reproduces the upstream order (fake step on an extra no-grad generator pass, then the generator
-   step on fresh samples) for comparison.
+   Order and effect: the fake score fits samples of the generator *before* this iteration's update, and the next
+   generator step uses it, so it lags the generator by one step (the official schedule fits the fake score to the
+   current generator, then updates the generator, at the cost of a second generator forward). At the small
+   learning rates of Diff-Instruct the lag is one small step; `schedule='official'` reproduces the upstream order
+   (fake step on an extra no-grad generator pass, then the generator step on fresh samples) for comparison.
 3. EMA of the generator (half-life in kimg, ramp-up ratio; parameters are averaged, buffers copied).
 
 Randomness is a function of counters: every accumulation chunk of every iteration gets its own generator seeded

@@ -17,7 +17,6 @@ which `implied_weight()` returns and the closed-form tests integrate. Names:
   relative to the sampling law; the paper's own w(t) could not be read, so this is our settled reading).
 """
 
-import math
 from typing import Callable, Dict, Tuple
 
 import numpy as np
@@ -54,10 +53,6 @@ class LogNormal(SigmaDistribution):
     def quadrature(self, order: int = 120):
         nodes, weights = np.polynomial.hermite_e.hermegauss(order)  # probabilists' Hermite: weight exp(-z^2/2)
         return np.exp(self.P_mean + self.P_std * nodes), weights / weights.sum()
-
-    def pdf(self, sigma: np.ndarray) -> np.ndarray:
-        z = (np.log(sigma) - self.P_mean) / self.P_std
-        return np.exp(-0.5 * z ** 2) / (sigma * self.P_std * math.sqrt(2 * math.pi))
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
