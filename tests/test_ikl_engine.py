@@ -212,3 +212,17 @@ def test_one_step_student_on_image_teacher_with_mixed_precision(tmp_path, precis
     assert (tmp_path / 'fakes000000.png').exists()
     with open(tmp_path / 'network-snapshot-000000.pkl', 'rb') as f:
         assert set(pickle.load(f)) == {'ema', 'fake_score'}
+
+
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_autocast_path_on_plain_networks(tmp_path, precision):
+    """Networks without native fp16 run under autocast; the fp16 scaler scales the loss and training stays finite."""
+    adapter, teacher, fake = _networks()
+    trainer = ikl.Trainer(adapter, teacher, fake, dict(OPTS, precision=precision), str(tmp_path))
+    before = [p.detach().clone() for p in trainer.g_params]
+    for _ in range(3):
+        trainer.step()
+    assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0)
+    assert trainer.g_scaler.skipped == 0
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake_params)
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
