@@ -68,7 +68,7 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDen
 
 @click.command()
 @click.option('--outdir', type=str, default='bench-out/toy2d', show_default=True)
-@click.option('--kimg', type=float, default=8000, show_default=True, help='Refinement length.')
+@click.option('--kimg', type=float, default=16000, show_default=True, help='Refinement length.')
 @click.option('--batch', type=int, default=256, show_default=True)
 @click.option('--lr', type=float, default=1e-3, show_default=True)
 @click.option('--fake-lr', type=float, default=3e-3, show_default=True, help='Fake-score lr.')
