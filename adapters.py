@@ -84,6 +84,12 @@ class StyleGAN2Adapter(ikl.GeneratorAdapter):
     def export(self):
         return dict(G_ema=copy.deepcopy(self.G).eval().requires_grad_(False).cpu())
 
+    def preview(self, batch_size, generator=None):
+        """Grids show G at its own resolution, not the teacher's view of it."""
+        z = torch.randn([batch_size, self.G.z_dim], generator=generator, device=self.device)
+        c = self.generator_labels(batch_size, generator)
+        return self.synthesize(z, c), (c if self.label_dim > 0 else None)
+
 
 class TeacherSamplerAdapter(ikl.GeneratorAdapter):
     """A diffusion model as a (multi-step, gradient-free) generator: EDM's Heun sampler from its own noise.

@@ -23,8 +23,8 @@ import dnnlib
 import ikl
 import teachers
 from adapters import StyleGAN2Adapter
-from ikl import cli
-from ikl.cli import SetupError
+import trainer_cli as cli
+from trainer_cli import SetupError
 from stylegan2 import networks as stylegan2_networks
 from torch_utils import distributed as dist
 from torch_utils import persistence

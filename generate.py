@@ -36,6 +36,7 @@ import adapters
 import teachers.sampling
 from teachers.load import TeacherLoadError, teacher_from_pickle_data
 from stylegan2 import pickles, scripting
+from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
 # ----------------------------------------------------------------------------------------------------------------
 # What a pickle holds, and how each kind renders seeds.
@@ -49,7 +50,7 @@ def render_stylegan2(G, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.
         torch.manual_seed(batch_seeds[0])
         img = G(z, c, truncation_psi=opts.trunc, truncation_cutoff=opts.trunc_cutoff, noise_mode=opts.noise_mode,
                 force_fp32=scripting.use_fp32(opts.device))
-        yield batch_seeds, scripting.to_uint8(img)
+        yield batch_seeds, to_uint8_nhwc(img)
 
 
 def render_diffusion(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
@@ -57,7 +58,7 @@ def render_diffusion(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], n
     for batch_seeds, images in teachers.sampling.generate_images(net, seeds, class_idx=opts.class_idx,
                                                                  max_batch_size=opts.batch, device=opts.device,
                                                                  num_steps=opts.steps):
-        yield batch_seeds, images.numpy()
+        yield batch_seeds, images
 
 
 def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
@@ -77,7 +78,7 @@ def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np
                 idx[:] = opts.class_idx
             labels = torch.eye(label_dim, device=opts.device)[idx]
         sigma = torch.full([len(batch_seeds), 1, 1, 1], opts.init_sigma, device=opts.device)
-        yield batch_seeds, scripting.to_uint8(net(z * sigma, sigma, labels).to(torch.float32))
+        yield batch_seeds, to_uint8_nhwc(net(z * sigma, sigma, labels).to(torch.float32))
 
 
 def load_renderer(network_pkl: str, opts):
@@ -186,7 +187,7 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
             for start in range(0, len(ws), batch):
                 img = net.synthesis(ws[start:start + batch].to(opts.device), noise_mode=noise_mode,
                                     force_fp32=scripting.use_fp32(opts.device))
-                images.append(scripting.to_uint8(img))
+                images.append(to_uint8_nhwc(img))
                 progress.update(len(img))
         else:
             try:
@@ -198,10 +199,10 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
     images = np.concatenate(images)
 
     for image, name in zip(images, names):
-        scripting.save_png(image, name)
+        save_png(image, name)
     if grid:
         grid_w = int(np.ceil(np.sqrt(len(images))))
-        scripting.save_png(teachers.sampling.image_grid(images, grid_w), os.path.join(outdir, 'grid.png'))
+        save_png(image_grid(images, grid_w), os.path.join(outdir, 'grid.png'))
     click.echo(f'Wrote {len(images)} images to {outdir}')
 
 

@@ -30,6 +30,7 @@ import torch
 import tqdm
 
 from stylegan2 import pickles, projection, scripting
+from torch_utils.images import save_png, to_uint8_nhwc
 
 
 def load_target(path: str, resolution: int, channels: int) -> np.ndarray:
@@ -122,15 +123,15 @@ def main(network_pkl, target_paths, num_steps, seed, class_idx, save_video, vide
         projected.append(ws.cpu().numpy())
 
         with torch.no_grad():
-            final = scripting.to_uint8(G.synthesis(ws, noise_mode='const', force_fp32=force_fp32))[0]
-        scripting.save_png(target, os.path.join(outdir, f'target{suffix}.png'))
-        scripting.save_png(final, os.path.join(outdir, f'proj{suffix}.png'))
+            final = to_uint8_nhwc(G.synthesis(ws, noise_mode='const', force_fp32=force_fp32))[0]
+        save_png(target, os.path.join(outdir, f'target{suffix}.png'))
+        save_png(final, os.path.join(outdir, f'proj{suffix}.png'))
         if save_video:
             frames = []
             with torch.no_grad():
                 for w in w_steps[::video_every] + ([] if (num_steps - 1) % video_every == 0 else w_steps[-1:]):
                     frame_ws = w.reshape(1, 1, -1).repeat(1, G.num_ws, 1)
-                    frames.append(scripting.to_uint8(G.synthesis(frame_ws, noise_mode='const',
+                    frames.append(to_uint8_nhwc(G.synthesis(frame_ws, noise_mode='const',
                                                                  force_fp32=force_fp32))[0])
             video = write_video(os.path.join(outdir, f'proj{suffix}.mp4'), target, frames)
             click.echo(f'Wrote {video}')

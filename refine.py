@@ -19,8 +19,8 @@ import torch
 import dnnlib
 import teachers
 from adapters import StyleGAN2Adapter
-from ikl import cli
-from ikl.cli import SetupError
+import trainer_cli as cli
+from trainer_cli import SetupError
 from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_as_ours
 from torch_utils import distributed as dist
 from torch_utils import persistence
@@ -95,7 +95,9 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool)
         print(json.dumps(c, indent=2))
         return
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True) if opts.divergence != 'sds' else None
+    native = lambda ema: StyleGAN2Adapter(ema.G, trainable='none')  # Metrics as upstream: psi 1, random noise.
     cli.start('refine', c, run_dir, resume, adapter, teacher, fake_score, device, snapshot_fn=refine_snapshot(original),
+              to_generator=native,
               description=f'Refining {c.network} ({c.source_net}, {G.img_resolution}px, {G.c_dim} classes) with '
                           f'{c.teacher} ({teacher.img_resolution}px)')
 

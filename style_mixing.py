@@ -19,8 +19,8 @@ import click
 import numpy as np
 import torch
 
-import teachers.sampling
 from stylegan2 import pickles, scripting
+from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
 
 def parse_range_option(ctx, param, value):
@@ -84,18 +84,18 @@ def main(network_pkl, row_seeds, col_seeds, col_styles, trunc, class_idx, noise_
                 ws[col_styles] = all_ws[col][col_styles]
             mixes[(r, col)] = ws
         keys = list(mixes)
-        images = scripting.to_uint8(G.synthesis(torch.stack([mixes[k] for k in keys]), noise_mode=noise_mode,
+        images = to_uint8_nhwc(G.synthesis(torch.stack([mixes[k] for k in keys]), noise_mode=noise_mode,
                                                 force_fp32=force_fp32))
     images = dict(zip(keys, images))
     for key, name in names.items():
-        scripting.save_png(images[key], name)
+        save_png(images[key], name)
 
     blank = np.zeros_like(images[keys[0]])
     tiles = [blank] + [images[(col, col)] for col in col_seeds]
     for r in row_seeds:
         tiles += [images[(r, r)]] + [images[(r, col)] for col in col_seeds]
-    grid = teachers.sampling.image_grid(np.stack(tiles), grid_w=len(col_seeds) + 1)
-    scripting.save_png(grid, os.path.join(outdir, 'grid.png'))
+    grid = image_grid(np.stack(tiles), grid_w=len(col_seeds) + 1)
+    save_png(grid, os.path.join(outdir, 'grid.png'))
     click.echo(f'Wrote {len(names)} images and grid.png to {outdir}')
 
 

@@ -17,12 +17,13 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
-from ikl.images import save_image_grid
 from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
 from stylegan2.pickles import save_network_pkl
-from teachers.training_loop import EpochSampler, kimg_label, latest_training_state
 from torch_utils import training_stats
+from torch_utils.images import save_image_grid
+from torch_utils.misc import EpochSampler
+from torch_utils.run_files import atomic_write, kimg_label, latest_training_state
 
 G_REG_INTERVAL = 4    # Lazy path-length regularisation (upstream default).
 D_REG_INTERVAL = 16   # Lazy R1 (upstream default).
@@ -100,17 +101,14 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
                          training_set_kwargs=dict(c.training_set_kwargs), overwrite=True)
         with torch.no_grad():
             fakes = G_ema(grid_z, grid_c, noise_mode='const', force_fp32=True)
-        save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_size=(grid_w, grid_w))
+        save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_w)
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), sampler=sampler.state_dict(),
                      pl_mean=loss.pl_mean, cur_nimg=cur_nimg, cur_tick=cur_tick, iteration=iteration,
                      **{f'opt_{name}': opt.state_dict() for name, opt in opts.items()})
-        path = os.path.join(run_dir, f'training-state-{label}.pt')
-        torch.save(state, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        atomic_write(os.path.join(run_dir, f'training-state-{label}.pt'), lambda f: torch.save(state, f))
 
     if resume_state is None:
-        save_image_grid(images_u8[:c.grid].float() / 127.5 - 1, os.path.join(run_dir, 'reals.png'),
-                        grid_size=(grid_w, grid_w))
+        save_image_grid(images_u8[:c.grid].float() / 127.5 - 1, os.path.join(run_dir, 'reals.png'), grid_w)
         save_snapshot()
 
     collector = training_stats.Collector(regex='.*')
@@ -221,7 +219,7 @@ def main(data, outdir, resume, dry_run, threads, **kwargs):
         with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
             c = dnnlib.EasyDict(json.load(f))
         try:
-            resume_state = latest_training_state(resume)
+            resume_state = latest_training_state(resume, required=True)
         except FileNotFoundError as err:
             raise click.ClickException(str(err)) from None
     else:

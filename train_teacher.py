@@ -23,7 +23,8 @@ import click
 import torch
 
 import dnnlib
-from teachers.training_loop import latest_training_state, training_loop
+from teachers.training_loop import training_loop
+from torch_utils.run_files import latest_training_state
 from training.dataset import ImageFolderDataset
 
 ARCHS = {
@@ -145,7 +146,7 @@ def main(outdir, desc, resume, threads, progress, dry_run, **kwargs):
         dataset = ImageFolderDataset(**dict({k: v for k, v in opts.dataset_kwargs.items() if k != 'class_name'}, xflip=False))
         if kwargs['cond'] and not dataset.has_labels:
             raise ValueError(f'Dataset {kwargs["data"]}: --cond=1 needs labels, and its dataset.json has none')
-        resume_state = latest_training_state(resume) if resume is not None else None
+        resume_state = latest_training_state(resume, required=True) if resume is not None else None
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
 

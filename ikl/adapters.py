@@ -35,6 +35,10 @@ class GeneratorAdapter(torch.nn.Module):
     def export(self) -> Dict[str, object]:
         raise NotImplementedError
 
+    def preview(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Samples for the image grids: what `sample` gives, unless the generator has a native look of its own."""
+        return self.sample(batch_size, generator)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -28,11 +28,9 @@ accumulating N rounds of b.
 
 import copy
 import dataclasses
-import glob
 import json
 import os
 import pickle
-import re
 import time
 from typing import Callable, Dict, Optional, Union
 
@@ -42,6 +40,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import training_stats
+from torch_utils.run_files import atomic_write, kimg_label, latest_training_state
 
 from .adapters import GeneratorAdapter
 from .divergences import Divergence, autocast, dsm_from_forward, edm_dsm_loss, make_divergence
@@ -190,19 +189,6 @@ def default_snapshot(adapter: GeneratorAdapter, ema: GeneratorAdapter, fake_scor
     return data
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def latest_training_state(run_dir: str) -> Optional[str]:
-    """The newest `training-state-*.pt` in `run_dir`, or None."""
-    paths = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
-    key = lambda p: int(re.search(r'training-state-(\d+)\.pt$', p).group(1))
-    return max(paths, key=key) if paths else None
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -211,13 +197,14 @@ class Trainer:
 
     def __init__(self, adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
                  options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
-                 snapshot_fn: Callable = default_snapshot):
+                 snapshot_fn: Callable = default_snapshot, on_snapshot: Optional[Callable] = None):
         self.opts = TrainingOptions.from_dict(options)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.opts.check(self.world)
         self.device = torch.device(device) if device is not None else dist.get_device()
         self.run_dir = run_dir
         self.snapshot_fn = snapshot_fn
+        self.on_snapshot = on_snapshot  # on_snapshot(trainer, snapshot_path or None): e.g. metrics, on rank 0.
         self.batch_gpu = self.opts.batch_gpu or self.opts.batch // self.world
         self.rounds = self.opts.batch // (self.batch_gpu * self.world)
         self.amp = _AMP[self.opts.precision]
@@ -428,24 +415,27 @@ class Trainer:
     # -- outputs ----------------------------------------------------------------------------------------------
 
     def _kimg_name(self, prefix: str, ext: str) -> str:
-        return os.path.join(self.run_dir, f'{prefix}-{self.cur_nimg // 1000:06d}.{ext}')
+        return os.path.join(self.run_dir, f'{prefix}-{kimg_label(self.cur_nimg)}.{ext}')
 
     def save_snapshot(self) -> None:
         if self.rank == 0:
             data = self.snapshot_fn(self.adapter, self.ema, self.fake_score)
-            _atomic_write(self._kimg_name('network-snapshot', 'pkl'), lambda f: pickle.dump(data, f))
+            path = self._kimg_name('network-snapshot', 'pkl')
+            atomic_write(path, lambda f: pickle.dump(data, f))
+            if self.on_snapshot is not None:
+                self.on_snapshot(self, path)
 
     def save_state(self) -> None:
         if self.rank == 0:
             state = self.state_dict()
-            _atomic_write(self._kimg_name('training-state', 'pt'), lambda f: torch.save(state, f))
+            atomic_write(self._kimg_name('training-state', 'pt'), lambda f: torch.save(state, f))
 
     @torch.no_grad()
     def save_preview(self, name: str) -> None:
         if self.rank != 0 or self.opts.grid_size <= 0:
             return
         gen = torch.Generator(device=self.device).manual_seed(self.opts.seed)
-        samples, _ = self.ema.sample(self.opts.grid_size, gen)
+        samples, _ = self.ema.preview(self.opts.grid_size, gen)
         save_preview(samples.float(), os.path.join(self.run_dir, name))
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -464,6 +454,8 @@ class Trainer:
                 json.dump(dict(o.to_dict(), batch_gpu=self.batch_gpu, world_size=self.world), f, indent=2)
             if self.cur_nimg == 0:
                 self.save_preview('fakes_init.png')
+                if self.on_snapshot is not None:
+                    self.on_snapshot(self, None)  # The starting point, for before/after comparisons.
         stats_file = open(os.path.join(self.run_dir, 'stats.jsonl'), 'at') if self.rank == 0 else None
         tb_writer = self._tensorboard() if self.rank == 0 and o.tensorboard else None
         collector = training_stats.Collector(regex='.*')
@@ -502,7 +494,7 @@ class Trainer:
                     self.save_snapshot()
                     self.save_state()
                 if done or (o.image_ticks and self.cur_tick % o.image_ticks == 0):
-                    self.save_preview(f'fakes{self.cur_nimg // 1000:06d}.png')
+                    self.save_preview(f'fakes{kimg_label(self.cur_nimg)}.png')
                 tick_start_time = time.time()
         finally:
             if bar is not None:
@@ -530,9 +522,14 @@ class Trainer:
 
 def train(adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
           options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
-          snapshot_fn: Callable = default_snapshot, resume: Optional[str] = None) -> Trainer:
-    """Build a Trainer and run it to `options.total_kimg`; returns the trainer (its `ema`, `adapter`, counters)."""
-    trainer = Trainer(adapter, teacher, fake_score, options, run_dir, device=device, snapshot_fn=snapshot_fn)
+          snapshot_fn: Callable = default_snapshot, resume: Optional[str] = None,
+          on_snapshot: Optional[Callable] = None) -> Trainer:
+    """Build a Trainer and run it to `options.total_kimg`; returns the trainer (its `ema`, `adapter`, counters).
+
+    `on_snapshot(trainer, path)` runs on rank 0 after every snapshot is written, and once before training starts
+    (path None); refine.py and distill.py compute their `--metrics` there."""
+    trainer = Trainer(adapter, teacher, fake_score, options, run_dir, device=device, snapshot_fn=snapshot_fn,
+                      on_snapshot=on_snapshot)
     trainer.run(resume=resume)
     return trainer
 

@@ -8,19 +8,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-
-def save_image_grid(images: torch.Tensor, path: str, drange: Tuple[float, float] = (-1, 1),
-                    grid_size: Optional[Tuple[int, int]] = None) -> None:
-    """Tile `[N, C, H, W]` images (C = 1 or 3) into one PNG, mapping `drange` to [0, 255]."""
-    n, c, h, w = images.shape
-    gw, gh = grid_size if grid_size is not None else (math.ceil(math.sqrt(n)), math.ceil(n / math.ceil(math.sqrt(n))))
-    lo, hi = drange
-    img = ((images.detach().float().cpu().numpy() - lo) * (255 / (hi - lo))).round().clip(0, 255).astype(np.uint8)
-    canvas = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
-    for i in range(min(n, gw * gh)):
-        y, x = divmod(i, gw)
-        canvas[y * h:(y + 1) * h, x * w:(x + 1) * w] = img[i].transpose(1, 2, 0)
-    PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas, 'L' if c == 1 else 'RGB').save(path)
+from torch_utils.images import save_image_grid
 
 
 def save_scatter(points: torch.Tensor, path: str, extent: float = 5.0, size: int = 512,

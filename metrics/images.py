@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from torch_utils.images import to_uint8
 import torch.nn.functional as F
 
 # ITU-R BT.601 luma weights, as PIL's RGB -> L conversion uses.
@@ -40,7 +42,7 @@ def generator_output_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] (NCHW) -> uint8, the rounding StyleGAN2-ADA and EDM both use."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f'metrics need image batches [N, 1 or 3, H, W], got shape {tuple(images.shape)}')
-    return (images.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return to_uint8(images)
 
 
 def adapt_images(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:

@@ -5,7 +5,6 @@ import re
 from typing import Iterable, List, Optional
 
 import numpy as np
-import PIL.Image
 import torch
 
 from stylegan2.pickles import NetworkPickleError, load_network_pkl
@@ -72,16 +71,6 @@ def seed_latents(seeds: Iterable[int], z_dim: int, device: torch.device) -> torc
     NVIDIA's generate.py; float32 (MPS has no float64)."""
     z = np.stack([np.random.RandomState(seed).randn(z_dim) for seed in seeds])
     return torch.from_numpy(z).to(device=device, dtype=torch.float32)
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC numpy (upstream's rounding: x * 127.5 + 128, clamped)."""
-    return (img.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-    """Save one uint8 HWC image (1 or 3 channels)."""
-    PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, 'L' if image.shape[2] == 1 else 'RGB').save(path)
 
 
 def check_outputs_free(paths: Iterable[str], overwrite: bool) -> None:

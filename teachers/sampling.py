@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from torch_utils.images import to_uint8_nhwc
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -204,11 +206,6 @@ def ablation_sampler(net, latents: torch.Tensor, class_labels: Optional[torch.Te
 # Images from seeds.
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW -> uint8 NHWC on the CPU, EDM's conversion (scale, clip, truncate)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 def _sample_shape(net) -> List[int]:
     """Shape of one sample: `net.data_shape` when the teacher has one (e.g. flat toy mixtures), else [C, R, R]."""
     shape = getattr(net, 'data_shape', None)
@@ -252,8 +249,8 @@ def sample_seeds(net, seeds: Sequence[int], class_idx: Optional[int] = None, dev
 @torch.no_grad()
 def generate_images(net, seeds: Sequence[int], class_idx: Optional[int] = None, max_batch_size: int = 64,
                     device=torch.device('cpu'), rank: int = 0, world_size: int = 1,
-                    **sampler_kwargs) -> Iterator[Tuple[List[int], torch.Tensor]]:
-    """Yield (batch_seeds, uint8 NHWC images on the CPU) for this rank's share of `seeds`.
+                    **sampler_kwargs) -> Iterator[Tuple[List[int], np.ndarray]]:
+    """Yield (batch_seeds, uint8 NHWC numpy images) for this rank's share of `seeds`.
 
     `sampler_kwargs` go to `edm_sampler` (num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise,
     solver), or to `ablation_sampler` when any of ABLATION_OPTIONS (discretization, schedule, scaling, ...) is
@@ -262,15 +259,4 @@ def generate_images(net, seeds: Sequence[int], class_idx: Optional[int] = None, 
     for batch_seeds in split_seeds(seeds, max_batch_size, rank, world_size):
         if batch_seeds:
             images, _ = sample_seeds(net, batch_seeds, class_idx=class_idx, device=device, **sampler_kwargs)
-            yield batch_seeds, to_uint8(images)
-
-
-def image_grid(images: np.ndarray, grid_w: int) -> np.ndarray:
-    """Tile uint8 NHWC images into one HWC grid image, `grid_w` per row (missing tiles stay black)."""
-    n, h, w, c = images.shape
-    grid_h = (n - 1) // grid_w + 1
-    canvas = np.zeros([grid_h * h, grid_w * w, c], dtype=np.uint8)
-    for i in range(n):
-        row, col = divmod(i, grid_w)
-        canvas[row * h:(row + 1) * h, col * w:(col + 1) * w] = images[i]
-    return canvas
+            yield batch_seeds, to_uint8_nhwc(images)

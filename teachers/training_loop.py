@@ -8,99 +8,35 @@ run continues bit for bit as if it had not stopped.
 """
 
 import copy
-import glob
 import json
 import os
 import pickle
-import re
 import signal
 import threading
 import time
 from typing import Optional
 
 import numpy as np
-import PIL.Image
 import torch
 from tqdm import tqdm
 
 import dnnlib
 from torch_utils import training_stats
+from torch_utils.images import save_image_grid
+from torch_utils.misc import EpochSampler
+from torch_utils.run_files import atomic_write, kimg_label
 
-from .sampling import StackedRandomGenerator, edm_sampler, image_grid, to_uint8
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data order.
-
-
-class EpochSampler:
-    """Batches of indices from successive random permutations; its whole state can be saved and restored."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, device=torch.device('cpu')):
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.device = device
-        self.order = torch.randperm(num_items, generator=self.generator)
-        self.pos = 0
-
-    def next_batch(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
-        while need > 0:
-            if self.pos == self.num_items:
-                self.order = torch.randperm(self.num_items, generator=self.generator)
-                self.pos = 0
-            take = min(need, self.num_items - self.pos)
-            parts.append(self.order[self.pos:self.pos + take])
-            self.pos += take
-            need -= take
-        return torch.cat(parts).to(self.device)
-
-    def draw_flips(self) -> torch.Tensor:
-        return (torch.rand([self.batch_size], generator=self.generator) < 0.5).to(self.device)
-
-    def state_dict(self) -> dict:
-        return dict(generator=self.generator.get_state(), order=self.order.clone(), pos=self.pos)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state['generator'])
-        self.order = state['order'].clone()
-        self.pos = int(state['pos'])
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files of a run.
-
-
-def kimg_label(nimg: int) -> str:
-    """`000123` for whole kimg (upstream file names); `000000.032` when a snapshot falls between kimg."""
-    return f'{nimg // 1000:06d}' if nimg % 1000 == 0 else f'{nimg / 1000:010.3f}'
-
-
-def latest_training_state(path: str) -> str:
-    """A training-state file itself, or the newest one in a run directory."""
-    if os.path.isdir(path):
-        states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')),
-                        key=lambda p: float(re.search(r'training-state-([\d.]+)\.pt$', p).group(1)))
-        if not states:
-            raise FileNotFoundError(f'--resume {path}: no training-state-*.pt in this directory')
-        return states[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--resume {path}: no such file or run directory')
-    return path
-
-
-def save_grid(images_uint8: torch.Tensor, path: str, grid_w: int) -> None:
-    grid = image_grid(images_uint8.numpy(), grid_w)
-    PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid, 'L' if grid.shape[2] == 1 else 'RGB').save(path)
+from .sampling import StackedRandomGenerator, edm_sampler
 
 
 @torch.no_grad()
 def sample_grid(net, num_images: int, label_dim: int, num_steps: int, device) -> torch.Tensor:
-    """uint8 NHWC samples of the EMA for fixed seeds 0..n-1 (classes cycling), without touching the global RNG."""
+    """Samples of the EMA for fixed seeds 0..n-1 (classes cycling), without touching the global RNG."""
     seeds = list(range(num_images))
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = torch.eye(label_dim, device=device)[torch.arange(num_images, device=device) % label_dim] if label_dim else None
-    return to_uint8(edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps))
+    return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps)
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -186,25 +122,23 @@ def training_loop(
 
     def save_snapshot() -> None:
         label = kimg_label(cur_nimg)
-        with open(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), 'wb') as f:
-            pickle.dump(snapshot_data(), f)
+        data = snapshot_data()
+        atomic_write(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), lambda f: pickle.dump(data, f))
         if grid_size > 0:
             with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
                 fakes = sample_grid(ema, grid_size, label_dim, grid_steps, device)
-            save_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_w=int(np.ceil(np.sqrt(grid_size))))
+            save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'))
 
     def save_state() -> None:
         state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                      sampler=sampler.state_dict(), torch_rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
                      cur_nimg=cur_nimg, cur_tick=cur_tick)
-        path = os.path.join(run_dir, f'training-state-{kimg_label(cur_nimg)}.pt')
-        torch.save(state, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        atomic_write(os.path.join(run_dir, f'training-state-{kimg_label(cur_nimg)}.pt'), lambda f: torch.save(state, f))
 
     if grid_size > 0 and resume_state is None:
-        reals = images_u8[:grid_size].permute(0, 2, 3, 1).cpu()
-        save_grid(reals, os.path.join(run_dir, 'reals.png'), grid_w=int(np.ceil(np.sqrt(grid_size))))
+        reals = images_u8[:grid_size].to(torch.float32) / 127.5 - 1
+        save_image_grid(reals, os.path.join(run_dir, 'reals.png'))
 
     # Ctrl-C finishes the current step, then saves everything (a second Ctrl-C aborts at once).
     stop_requested = []

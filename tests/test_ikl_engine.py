@@ -66,7 +66,7 @@ def test_resume_after_interruption_is_exact(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ikl.train(copy.deepcopy(adapter), teacher, copy.deepcopy(fake), OPTS, str(tmp_path / 'b'), snapshot_fn=interrupting_snapshot)
-    assert os.path.basename(ikl.latest_training_state(str(tmp_path / 'b'))) == 'training-state-000000.pt'
+    assert os.path.basename(ikl.latest_training_state(str(tmp_path / 'b'))) == 'training-state-000000.128.pt'
     assert len(glob.glob(str(tmp_path / 'b' / '*.tmp*'))) == 0
     # A fresh process would rebuild the networks from scratch (different initial weights) and resume.
     torch.manual_seed(123)
@@ -168,14 +168,14 @@ def test_snapshot_stats_and_preview(tmp_path):
     adapter, teacher, fake = _networks()
     ikl.train(adapter, teacher, fake, dict(OPTS, total_kimg=0.128, image_ticks=2), str(tmp_path))
     snaps = sorted(glob.glob(str(tmp_path / 'network-snapshot-*.pkl')))
-    assert [os.path.basename(s) for s in snaps] == ['network-snapshot-000000.pkl']  # kimg 0.064 and 0.128 both round to 0
+    assert [os.path.basename(s) for s in snaps] == ['network-snapshot-000000.064.pkl', 'network-snapshot-000000.128.pkl']
     with open(snaps[-1], 'rb') as f:
         data = pickle.load(f)
     assert set(data) == {'G_ema', 'fake_score'}
     assert list(data['G_ema'](torch.zeros(3, 2)).shape) == [3, 2]
     lines = (tmp_path / 'stats.jsonl').read_text().strip().splitlines()
     assert len(lines) == 2 and '"Loss/fake_score"' in lines[0]
-    assert (tmp_path / 'fakes_init.png').exists() and (tmp_path / 'fakes000000.png').exists()
+    assert (tmp_path / 'fakes_init.png').exists() and (tmp_path / 'fakes000000.128.png').exists()
 
 
 def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path):
@@ -209,8 +209,8 @@ def test_one_step_student_on_image_teacher_with_mixed_precision(tmp_path, precis
     trainer = ikl.train(adapter, teacher, copy.deepcopy(teacher), opts, str(tmp_path))
     assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0) or trainer.g_scaler.skipped > 0
     assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params)
-    assert (tmp_path / 'fakes000000.png').exists()
-    with open(tmp_path / 'network-snapshot-000000.pkl', 'rb') as f:
+    assert (tmp_path / 'fakes000000.008.png').exists()
+    with open(tmp_path / 'network-snapshot-000000.008.pkl', 'rb') as f:
         assert set(pickle.load(f)) == {'ema', 'fake_score'}
 
 

@@ -14,6 +14,7 @@ import legacy
 import projector
 import style_mixing
 from stylegan2 import networks, projection, scripting
+from torch_utils.images import to_uint8_nhwc
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 
 
@@ -57,7 +58,7 @@ def test_generate_writes_seed_images_and_grid(tmp_path, network_pkl):
     # Seed 2 is upstream's latent RandomState(2).randn(z_dim) through G, whatever the batching.
     G = tiny_G()
     z = torch.from_numpy(np.random.RandomState(2).randn(1, 8)).float()
-    expected = scripting.to_uint8(G(z, None, noise_mode='const', force_fp32=True))[0]
+    expected = to_uint8_nhwc(G(z, None, noise_mode='const', force_fp32=True))[0]
     assert np.array_equal(read_png(os.path.join(outdir, 'seed0002.png')), expected)
     assert read_png(os.path.join(outdir, 'grid.png')).shape == (32, 32, 3)
     # Existing images are not overwritten without --overwrite.
@@ -101,7 +102,7 @@ def test_generate_samples_diffusion_pickles(tmp_path):
     assert result.exit_code == 0, result.output
     z = torch.randn([1, 3, 8, 8], generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = scripting.to_uint8(net(z * 2.5, torch.full([1, 1, 1, 1], 2.5), None))[0]
+        expected = to_uint8_nhwc(net(z * 2.5, torch.full([1, 1, 1, 1], 2.5), None))[0]
     assert np.array_equal(read_png(tmp_path / 'one' / 'seed0005.png'), expected)
     # A distilled student's pickle carries its init_sigma: one step without being told.
     student = str(tmp_path / 'student.pkl')
@@ -127,7 +128,7 @@ def test_projector_cli_and_generate_replay(tmp_path, network_pkl):
     G = tiny_G()
     z = torch.from_numpy(np.random.RandomState(5).randn(1, 8)).float()
     with torch.no_grad():
-        target = scripting.to_uint8(G(z, None, noise_mode='const', force_fp32=True))[0]
+        target = to_uint8_nhwc(G(z, None, noise_mode='const', force_fp32=True))[0]
     PIL.Image.fromarray(np.pad(target, [(4, 4), (0, 0), (0, 0)])).resize((16, 24)).save(tmp_path / 't.png')
     outdir = str(tmp_path / 'proj')
     result = run(projector.main, ['--network', network_pkl, '--target', str(tmp_path / 't.png'), '--num-steps', '4',

@@ -11,7 +11,8 @@ import teachers
 from teachers import networks
 from teachers.analytic import GaussianMixture
 from teachers.sampling import StackedRandomGenerator, ablation_sampler, edm_sampler, edm_time_steps, generate_images, \
-    iddpm_sigmas, image_grid, sample_seeds, split_seeds, to_uint8
+    iddpm_sigmas, sample_seeds, split_seeds
+from torch_utils.images import image_grid, to_uint8_nhwc
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -96,9 +97,9 @@ def test_generated_images_depend_only_on_seed():
                      for pair in zip(seeds_, images))
     small_batches = dict(pair for seeds_, images in generate_images(net, seeds, max_batch_size=2, **kwargs)
                          for pair in zip(seeds_, images))
-    assert sorted(one_batch) == seeds and all(torch.equal(one_batch[s], small_batches[s]) for s in seeds)
-    assert one_batch[0].shape == (8, 8, 1) and one_batch[0].dtype == torch.uint8
-    assert not torch.equal(one_batch[0], one_batch[1])
+    assert sorted(one_batch) == seeds and all(np.array_equal(one_batch[s], small_batches[s]) for s in seeds)
+    assert one_batch[0].shape == (8, 8, 1) and one_batch[0].dtype == np.uint8
+    assert not np.array_equal(one_batch[0], one_batch[1])
 
     # --class overrides the label after the random draw: seeds whose random class was already 1 are unchanged.
     with torch.no_grad():
@@ -120,7 +121,7 @@ def test_seed_split_across_ranks_and_image_helpers():
     assert all(len(batch) <= 2 for batches in per_rank for batch in batches)
 
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=torch.float64).reshape(1, 1, 2, 2)
-    assert to_uint8(x).flatten().tolist() == [0, 128, 255, 255]
+    assert to_uint8_nhwc(x).flatten().tolist() == [0, 128, 255, 255]
     tiles = np.arange(3 * 2 * 2 * 1, dtype=np.uint8).reshape(3, 2, 2, 1)
     grid = image_grid(tiles, grid_w=2)
     assert grid.shape == (4, 4, 1) and (grid[2:, 2:] == 0).all() and (grid[2:4, 0:2] == tiles[2]).all()

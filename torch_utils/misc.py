@@ -125,6 +125,41 @@ class InfiniteSampler(torch.utils.data.Sampler):
             idx += 1
 
 
+class EpochSampler:
+    """Batches of indices from successive random permutations; its whole state can be saved and restored."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, device=torch.device('cpu')):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.order = torch.randperm(num_items, generator=self.generator)
+        self.pos = 0
+
+    def next_batch(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need > 0:
+            if self.pos == self.num_items:
+                self.order = torch.randperm(self.num_items, generator=self.generator)
+                self.pos = 0
+            take = min(need, self.num_items - self.pos)
+            parts.append(self.order[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        return torch.cat(parts).to(self.device)
+
+    def draw_flips(self) -> torch.Tensor:
+        return (torch.rand([self.batch_size], generator=self.generator) < 0.5).to(self.device)
+
+    def state_dict(self) -> dict:
+        return dict(generator=self.generator.get_state(), order=self.order.clone(), pos=self.pos)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state['generator'])
+        self.order = state['order'].clone()
+        self.pos = int(state['pos'])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters, buffers and distributed consistency.
 

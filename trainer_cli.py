@@ -7,15 +7,16 @@ and the engine's files) and resume the same way (`--resume=<run dir>` reads the 
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import click
 import torch
 
 import dnnlib
+from adapters import TeacherSamplerAdapter
+from ikl.engine import TrainingOptions, default_snapshot, train
+from metrics import GeneratorReference, MetricRunner
 from torch_utils import distributed as dist
-
-from .engine import TrainingOptions, default_snapshot, train
 
 
 class SetupError(click.ClickException):
@@ -46,6 +47,10 @@ def engine_options(fn: Callable) -> Callable:
         click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot and grid'),
         click.option('--grid', type=click.IntRange(min=0), default=64, show_default=True, help='Images in the sample grids'),
         click.option('--seed', type=int, default=0, show_default=True, help='Random seed'),
+        click.option('--metrics', type=str, default='none', show_default=True, help='Metrics at the start and every snapshot, e.g. fid10k_full,kid10k_full'),
+        click.option('--metrics-ref', metavar='ZIP|DIR|NPZ', help='Reference for --metrics: dataset or statistics file [default: teacher samples, data-free]'),
+        click.option('--metrics-ref-num', type=click.IntRange(min=2), default=10000, show_default=True, help='Teacher samples in the data-free reference'),
+        click.option('--detector', type=str, help="Detector for --metrics: inception, vgg16, fmnist, or a file [default: the metric's standard one]"),
         click.option('--device', type=str, help='cuda, cpu, ... (default: cuda if available)'),
         click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose embedded source is not on the allow-list'),
         click.option('--no-progress', is_flag=True, help='No progress bar (a line per tick instead)'),
@@ -86,10 +91,40 @@ def run_name(*sources: str) -> str:
     return '-'.join(os.path.splitext(os.path.basename(str(s).rstrip('/')))[0] for s in sources)
 
 
+def metric_names(c: dnnlib.EasyDict) -> List[str]:
+    return [] if c.metrics in (None, '', 'none') else [m.strip() for m in c.metrics.split(',') if m.strip()]
+
+
+def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Callable, run_dir: str,
+                 device: torch.device) -> Optional[Callable]:
+    """The engine's `on_snapshot`: `--metrics` of the EMA generator (seen through `to_generator(ema)`) against the
+    reference, appended to `<run_dir>/metric-<name>.jsonl` and printed. None when no metrics were asked for."""
+    names = metric_names(c)
+    if not names:
+        return None
+    if c.metrics_ref:
+        reference = c.metrics_ref
+    else:  # Data-free: samples of the teacher itself (EDM's 18-step Heun), cached by the teacher's source.
+        reference = GeneratorReference(TeacherSamplerAdapter(teacher, num_steps=18), num=c.metrics_ref_num,
+                                       cache_key=f'teacher:{os.path.abspath(c.teacher) if os.path.exists(c.teacher) else c.teacher}:heun18')
+    try:
+        runner = MetricRunner(names, reference=reference, detector=c.detector, device=device, run_dir=run_dir)
+    except ValueError as err:
+        raise SetupError(f'--metrics: {err}') from None
+
+    def on_snapshot(trainer, snapshot_path: Optional[str]) -> None:
+        results = runner(to_generator(trainer.ema), snapshot_pkl=snapshot_path)
+        where = 'start' if snapshot_path is None else os.path.basename(snapshot_path)
+        dist.print0(f'metrics at {where}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
+    return on_snapshot
+
+
 def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, teacher: torch.nn.Module,
           fake_score: Optional[torch.nn.Module], device: torch.device, snapshot_fn: Callable = default_snapshot,
-          description: str = '') -> None:
-    """Create the run directory (new runs), save the options, tee the output to log.txt, and train."""
+          to_generator: Callable = lambda ema: ema, description: str = '') -> None:
+    """Create the run directory (new runs), save the options, tee the output to log.txt, and train.
+
+    `to_generator(ema)` is what the metrics measure: the EMA adapter seen at the generator's own resolution."""
     if not resume and dist.get_rank() == 0:
         try:
             dnnlib.util.make_run_dir(run_dir)
@@ -101,8 +136,9 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
     logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
     try:
         dist.print0(f'{description} -> {run_dir}')
+        on_snapshot = metrics_hook(c, teacher, to_generator, run_dir, device) if dist.get_rank() == 0 else None
         train(adapter, teacher, fake_score, training_options(c), run_dir, device=device, snapshot_fn=snapshot_fn,
-              resume='auto' if resume else None)
+              resume='auto' if resume else None, on_snapshot=on_snapshot)
     finally:
         if logger is not None:
             logger.close()
