@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest tests -q
 
+# The main job on the embedded default: IKL refinement of a mode-dropping 2-D generator by the exact
+# 25-Gaussian teacher (a few minutes on 2 CPU cores); scatter plots and the table land in demo-out/.
+demo: venv
+	$(PY) bench/toy2d.py --outdir demo-out --kimg 6000 --methods none,ikl
+
 check-cuda:
 	bash tools/check_cuda.sh
 

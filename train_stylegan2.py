@@ -182,8 +182,8 @@ def next_run_dir(outdir: str, desc: str) -> str:
 
 @click.command(epilog='''\b
 Examples:
-  # The shipped Fashion-MNIST generator (32x32, class-conditional, ~30 min on 2 CPU cores):
-  python train_stylegan2.py --data=fmnist-32x32.zip --outdir=runs --cond=1 --kimg=150
+  # A small class-conditional Fashion-MNIST generator (32x32) on the CPU:
+  python train_stylegan2.py --data=fmnist-32x32.zip --outdir=runs --cond=1 --kimg=300 --gamma=0.01
   # Continue a stopped run exactly:
   python train_stylegan2.py --resume=runs/00000-fmnist-32x32-cond''')
 @click.option('--data', type=click.Path(exists=True, dir_okay=True), help='Dataset ZIP or folder (dataset_tool.py)')
