@@ -20,15 +20,6 @@ from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import ring8  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 OPTS = dict(total_kimg=0.32, batch=32, batch_gpu=16, g_lr=1e-3, fake_lr=1e-3, lr_warmup_kimg=0.1, ema_halflife_kimg=0.05,
             sigma_data=1.0, tick_kimg=0.064, snapshot_ticks=1, image_ticks=None, grid_size=16, progress=False,
             tensorboard=False, seed=3)

@@ -9,15 +9,6 @@ from ikl.sigmas import Fixed, Karras, LogNormal, implied_weight
 from teachers.analytic import GaussianMixture
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gaussian(mean: torch.Tensor, var: torch.Tensor) -> GaussianMixture:
     return GaussianMixture(mean.detach()[None].double(), var.detach()[None].double())
 

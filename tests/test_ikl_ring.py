@@ -1,20 +1,10 @@
 """End to end: a one-step MLP generator instructed by the analytic 8-Gaussian ring teacher covers all 8 modes."""
 
-import pytest
 import torch
 
 import ikl
 from ikl.toy import MLPDenoiser, MLPGenerator
 from teachers.analytic import ring8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mode_shares(x: torch.Tensor, teacher) -> torch.Tensor:

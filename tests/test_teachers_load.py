@@ -26,14 +26,6 @@ NET_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=3, augment_dim=9,
                   model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.13)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(net, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

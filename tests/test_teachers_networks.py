@@ -13,15 +13,6 @@ from teachers.networks import Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedd
     VEPrecond, VPPrecond, iDDPMPrecond
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny nets run faster on one thread, and the shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY_SONG = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
 TINY_ADM = dict(model_channels=64, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[8], dropout=0.1)
 ARCHS = {

@@ -15,14 +15,6 @@ from teachers.sampling import StackedRandomGenerator, ablation_sampler, edm_samp
 from torch_utils.images import image_grid, to_uint8_nhwc
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_time_steps_follow_the_rho_schedule():
     gauss = GaussianMixture(torch.zeros(1, 1), 1.0)
     t = edm_time_steps(gauss, num_steps=5, sigma_min=0.002, sigma_max=80, rho=7)

@@ -23,14 +23,6 @@ from teachers.loss import EDMLoss
 from training.dataset import ImageFolderDataset
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def dataset_zip(tmp_path_factory):
     """48 labelled 8x8 grayscale images (a bright square whose corner is the class), made with dataset_tool."""

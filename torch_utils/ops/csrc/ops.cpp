@@ -86,18 +86,9 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b,
         const scalar_t* bp = b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* dyp = dy.has_value() ? dy->const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* ddxp = ddx.has_value() ? ddx->const_data_ptr<scalar_t>() : nullptr;
-        switch (act) {
-            case kLinear:   bias_act_cpu_mode<scalar_t, kLinear>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kRelu:     bias_act_cpu_mode<scalar_t, kRelu>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kLrelu:    bias_act_cpu_mode<scalar_t, kLrelu>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kTanh:     bias_act_cpu_mode<scalar_t, kTanh>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kSigmoid:  bias_act_cpu_mode<scalar_t, kSigmoid>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kElu:      bias_act_cpu_mode<scalar_t, kElu>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kSelu:     bias_act_cpu_mode<scalar_t, kSelu>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kSoftplus: bias_act_cpu_mode<scalar_t, kSoftplus>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            case kSwish:    bias_act_cpu_mode<scalar_t, kSwish>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp); break;
-            default: TORCH_CHECK(false, "bias_act: unknown activation code ", act);
-        }
+        dispatch_activation(act, [&](auto A) {
+            bias_act_cpu_mode<scalar_t, decltype(A)::value>(mode, o, xp, bp, dyp, ddxp, s, alpha, gain, clamp);
+        });
     });
     return out;
 }

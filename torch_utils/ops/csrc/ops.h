@@ -2,13 +2,34 @@
 #pragma once
 
 #include <cstdlib>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include "bias_act_math.h"
 #include "upfirdn2d_math.h"
 
 namespace toolkit_ops {
+
+// Calls fn(std::integral_constant<int, A>{}) for the activation code `act`, so each kernel is compiled once per
+// activation with the activation known at compile time. The CPU and CUDA entry points share this switch.
+template <typename Fn>
+inline void dispatch_activation(int64_t act, Fn&& fn)
+{
+    switch (act) {
+        case kLinear:   fn(std::integral_constant<int, kLinear>{}); break;
+        case kRelu:     fn(std::integral_constant<int, kRelu>{}); break;
+        case kLrelu:    fn(std::integral_constant<int, kLrelu>{}); break;
+        case kTanh:     fn(std::integral_constant<int, kTanh>{}); break;
+        case kSigmoid:  fn(std::integral_constant<int, kSigmoid>{}); break;
+        case kElu:      fn(std::integral_constant<int, kElu>{}); break;
+        case kSelu:     fn(std::integral_constant<int, kSelu>{}); break;
+        case kSoftplus: fn(std::integral_constant<int, kSoftplus>{}); break;
+        case kSwish:    fn(std::integral_constant<int, kSwish>{}); break;
+        default: TORCH_CHECK(false, "bias_act: unknown activation code ", act);
+    }
+}
 
 struct BiasActShape {
     int64_t numel;
