@@ -116,19 +116,10 @@ def load_projected_w(path: str, G) -> torch.Tensor:
     return torch.as_tensor(ws, dtype=torch.float32)
 
 
-def parse_seeds(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return scripting.parse_range(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-
-
 @click.command(help=__doc__)
 @click.option('--network', 'network_pkl', help='Network pickle (path or URL); loading it runs code inside it',
               metavar='PATH|URL', required=True)
-@click.option('--seeds', help='Seeds, e.g. 0-3,7', metavar='RANGE', callback=parse_seeds)
+@click.option('--seeds', help='Seeds, e.g. 0-3,7', metavar='RANGE', callback=scripting.range_option)
 @click.option('--trunc', 'trunc', help='Truncation psi (StyleGAN2)', type=float, default=1, show_default=True)
 @click.option('--trunc-cutoff', help='Truncate only the first N ws (StyleGAN2)', type=click.IntRange(min=1))
 @click.option('--class', 'class_idx', help='Class label (conditional networks)', type=click.IntRange(min=0))

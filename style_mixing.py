@@ -23,22 +23,15 @@ from stylegan2 import pickles, scripting
 from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
 
-def parse_range_option(ctx, param, value):
-    try:
-        return scripting.parse_range(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-
-
 @click.command(help=__doc__)
 @click.option('--network', 'network_pkl', help='StyleGAN2 network pickle; loading it runs code inside it',
               metavar='PATH|URL', required=True)
 @click.option('--rows', 'row_seeds', help='Row seeds, e.g. 0-3', metavar='RANGE', required=True,
-              callback=parse_range_option)
+              callback=scripting.range_option)
 @click.option('--cols', 'col_seeds', help='Column seeds, e.g. 10,20', metavar='RANGE', required=True,
-              callback=parse_range_option)
+              callback=scripting.range_option)
 @click.option('--styles', 'col_styles', help='Layers (ws indices) taken from the column seed', metavar='RANGE',
-              default='0-6', show_default=True, callback=parse_range_option)
+              default='0-6', show_default=True, callback=scripting.range_option)
 @click.option('--trunc', 'trunc', help='Truncation psi', type=float, default=1, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (conditional generators)', type=click.IntRange(min=0))
 @click.option('--noise-mode', help='Noise inputs', type=click.Choice(['const', 'random', 'none']), default='const',

@@ -7,7 +7,6 @@ JSON object as the last line. float32 on CPU; the first call builds the extensio
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_time  # noqa: E402
 from torch_utils.ops import _plugin, bias_act, upfirdn2d  # noqa: E402
 
 # A 12-tap wavelet (sym6-like length) as used by ADA's augmentation, applied as a separable 1-D filter.
@@ -44,16 +44,6 @@ def _cases():
     yield ('downsample2d 12-tap 1-D [32,3,128,128]', [32, 3, 128, 128], lambda x, impl: upfirdn2d.downsample2d(x, f12, impl=impl))
 
 
-def _time(fn, repeats):
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def _measure(op, shape, impl, repeats):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     xg = x.clone().requires_grad_()
@@ -66,7 +56,7 @@ def _measure(op, shape, impl, repeats):
     def forward_backward():
         torch.autograd.grad(op(xg, impl), [xg], dy)
 
-    return _time(forward, repeats), _time(forward_backward, repeats)
+    return median_time(forward, repeats), median_time(forward_backward, repeats)
 
 
 def _default_is_compiled(op, shape):

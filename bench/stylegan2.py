@@ -11,14 +11,13 @@ then one JSON object as the last line.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_time  # noqa: E402
 from stylegan2 import networks  # noqa: E402
 from torch_utils import custom_ops  # noqa: E402
 from torch_utils.ops import _plugin  # noqa: E402
@@ -39,16 +38,6 @@ def build(cfg):
                                channel_base=cfg['channel_base'], channel_max=512, num_fp16_res=4, conv_clamp=256,
                                epilogue_kwargs=dict(mbstd_group_size=cfg['mbstd']))
     return G.train(), D.train()
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up (and, for the compiled ops, the one-time load)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def measure(cfg, batch, repeats):

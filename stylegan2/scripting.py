@@ -4,6 +4,7 @@ import os
 import re
 from typing import Iterable, List, Optional
 
+import click
 import numpy as np
 import torch
 
@@ -27,6 +28,16 @@ def parse_range(text: str) -> List[int]:
         else:
             raise ValueError(f'{part!r} is not a non-negative integer or a range like 0-7')
     return values
+
+
+def range_option(ctx, param, value) -> Optional[List[int]]:
+    """click callback for options like --seeds=0-3,7: a list of ints, or a one-line usage error."""
+    if value is None:
+        return None
+    try:
+        return parse_range(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def default_device() -> torch.device:
