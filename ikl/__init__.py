@@ -19,10 +19,11 @@ How `refine.py` and `distill.py` use it::
   seed, tick/snapshot/image intervals. Defaults are the official Diff-Instruct settings.
 - Every iteration: one generator forward+backward, one teacher forward, one fake forward+backward (see
   `ikl.engine`'s docstring for the order and its effect); bad (NaN/Inf) steps are skipped and counted.
-- Run directory: `network-snapshot-{kimg:06d}.pkl` (by default the EMA adapter's `export()` plus `fake_score`;
-  pass `snapshot_fn(adapter, ema, fake_score) -> dict` to choose), `training-state-{kimg:06d}.pt` (everything for
-  exact resume), `stats.jsonl`, `ikl_options.json`, preview PNGs `fakes*.png`, TensorBoard events if installed.
-  All files are written atomically by rank 0.
+- Run directory: `network-snapshot-<kimg>.pkl` (`000123`, or `000000.064` between whole kimg; by default the EMA
+  adapter's `export()` plus `fake_score`; pass `snapshot_fn(adapter, ema, fake_score) -> dict` to choose),
+  `training-state-<kimg>.pt` (everything for exact resume), `stats.jsonl`, `ikl_options.json`, preview PNGs
+  `fakes*.png` (the adapter's `preview()`), TensorBoard events if installed. All files are written atomically by
+  rank 0. `on_snapshot(trainer, path)` runs after each snapshot and once at the start (path None).
 - Distributed: launch with `torchrun`, call `torch_utils.distributed.init()` first; gradients are all-reduced
   by the engine (no DDP wrapper needed, so any adapter works), `batch` is global.
 - `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
