@@ -24,7 +24,7 @@ Security: a network pickle contains code, and loading it runs that code. Only lo
 
 import os
 import pickle
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import click
 import numpy as np

@@ -8,7 +8,6 @@ JSON object as the last line. float32 on CPU; the first call builds the extensio
 import json
 import os
 import sys
-import time
 
 import click
 import numpy as np

@@ -18,7 +18,7 @@ import tempfile
 import types
 import urllib.parse
 import uuid
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 

@@ -1,9 +1,7 @@
 """PNG previews of generator samples: image grids for NCHW data, scatter plots for 2-D points (PIL only)."""
 
-import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch

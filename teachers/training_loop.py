@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

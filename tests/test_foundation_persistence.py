@@ -1,7 +1,6 @@
 """torch_utils.persistence: the upstream version-6 pickle format, both directions."""
 
 import collections
-import io
 import os
 import pickle
 import pickletools

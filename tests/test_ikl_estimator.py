@@ -1,6 +1,5 @@
 """The IKL/SDS estimators against closed forms for diffused Gaussians (exact scores from the analytic teacher)."""
 
-import numpy as np
 import pytest
 import torch
 

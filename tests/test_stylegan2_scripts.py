@@ -13,7 +13,7 @@ import generate
 import legacy
 import projector
 import style_mixing
-from stylegan2 import networks, projection, scripting
+from stylegan2 import networks, projection
 from torch_utils.images import to_uint8_nhwc
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 

@@ -1,7 +1,6 @@
 """EDM networks: every architecture and preconditioner builds and runs; layers and preconditioning against closed
 forms and independent computations; shipped configurations have the upstream parameter and key counts."""
 
-import math
 
 import numpy as np
 import pytest

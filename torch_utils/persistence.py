@@ -21,7 +21,7 @@ import pickle
 import sys
 import types
 import uuid
-from typing import Any, Callable, Iterable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 
 
 import dnnlib
