@@ -25,6 +25,7 @@ test: venv
 # 25-Gaussian teacher (a few minutes on 2 CPU cores); scatter plots and the table land in demo-out/.
 demo: venv
 	$(PY) bench/toy2d.py --outdir demo-out --kimg 6000 --methods none,ikl
+	@echo "Before: demo-out/scatter-none.png   after IKL: demo-out/scatter-ikl.png   (red crosses: the 25 modes)"
 
 check-cuda:
 	bash tools/check_cuda.sh
