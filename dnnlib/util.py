@@ -121,28 +121,23 @@ class Logger:
             self.file = None
 
 
-def format_time(seconds: Union[int, float]) -> str:
-    """Human-readable duration, e.g. '1h 02m 03s'."""
+def _duration_parts(seconds: Union[int, float]) -> List[str]:
+    """['1h', '02m', '05s'] for 3725 s: from the largest non-zero unit down, the first one unpadded."""
     s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+    values = [s // 86400, (s // 3600) % 24, (s // 60) % 60, s % 60]
+    first = 3 if s < 60 else 2 if s < 60 * 60 else 1 if s < 24 * 60 * 60 else 0
+    return [f'{v}{unit}' if i == first else f'{v:02d}{unit}'
+            for i, (v, unit) in enumerate(zip(values, 'dhms')) if i >= first]
+
+
+def format_time(seconds: Union[int, float]) -> str:
+    """Human-readable duration with up to three units, e.g. '1h 02m 05s'."""
+    return ' '.join(_duration_parts(seconds)[:3])
 
 
 def format_time_brief(seconds: Union[int, float]) -> str:
     """Duration with the two most significant units, e.g. '1h 02m'."""
-    s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
+    return ' '.join(_duration_parts(seconds)[:2])
 
 
 def ask_yes_no(question: str) -> bool:
