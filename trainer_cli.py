@@ -38,6 +38,8 @@ def engine_options(fn: Callable) -> Callable:
         click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Generator learning rate'),
         click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Fake-score learning rate'),
         click.option('--fake-steps', type=click.IntRange(min=1), default=1, show_default=True, help='Fake-score steps per generator step'),
+        click.option('--fake-warmup', type=click.FloatRange(min=0), default=0, show_default=True,
+                     help='Fit the fake score alone to the generator for this many kimg first'),
         click.option('--warmup', type=click.FloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg'),
         click.option('--ema', type=click.FloatRange(min=0), default=500, show_default=True, help='EMA half-life of the generator, kimg'),
         click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)'),
@@ -68,6 +70,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
     return TrainingOptions.from_dict(dict(
         total_kimg=c.kimg, batch=c.batch, batch_gpu=c.batch_gpu, divergence=c.divergence, sigma=c.sigma,
         P_mean=c.p_mean, P_std=c.p_std, weighting=c.weighting, normalize=c.normalize, fake_steps=c.fake_steps,
+        fake_warmup_kimg=c.fake_warmup,
         g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, ema_halflife_kimg=c.ema,
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,

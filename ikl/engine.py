@@ -75,6 +75,7 @@ class TrainingOptions:
     sid_alpha: float = 1.2          # sid: alpha of the Fisher-divergence loss.
     # The fake score (EDM denoising score matching on generator samples).
     fake_steps: int = 1             # Fake-score updates per generator update.
+    fake_warmup_kimg: float = 0.0   # First fit the fake score alone on this many thousand generator samples (0: none).
     fake_P_mean: float = -1.2
     fake_P_std: float = 1.2
     sigma_data: float = 0.5
@@ -132,8 +133,9 @@ class TrainingOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
-        if self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0:
-            raise ValueError('training options: fake_steps >= 1, total_kimg > 0 and tick_kimg > 0 are required')
+        if self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0 or self.fake_warmup_kimg < 0:
+            raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg >= 0 '
+                             'are required')
 
 
 def build_divergence(opts: TrainingOptions) -> Divergence:
@@ -355,8 +357,11 @@ class Trainer:
             b_ema.copy_(b)
 
     def step(self) -> None:
-        """One iteration: generator update, fake-score update(s), EMA (order per `schedule`)."""
-        if self.fake_score is not None and self.opts.schedule == 'official':
+        """One iteration: generator update, fake-score update(s), EMA (order per `schedule`). During the fake-score
+        warm-up only the fake score trains, on no-grad samples; the iteration still counts its samples."""
+        if self.fake_score is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000:
+            self._fake_steps(reused=None)
+        elif self.fake_score is not None and self.opts.schedule == 'official':
             self._fake_steps(reused=None)
             self._generator_step()
         else:

@@ -155,6 +155,19 @@ def test_schedule_generator_forwards(tmp_path, schedule, forwards):
     assert trainer.adapter.calls == 2 * forwards and trainer.adapter.grad_calls == 2
 
 
+def test_fake_warmup_trains_only_the_fake_score_first(tmp_path):
+    adapter, teacher, fake = _networks()
+    trainer = ikl.Trainer(adapter, teacher, fake, dict(OPTS, batch_gpu=32, fake_warmup_kimg=0.064), str(tmp_path))
+    g0, fake0 = copy.deepcopy(trainer.adapter.state_dict()), copy.deepcopy(trainer.fake_score.state_dict())
+    trainer.step()
+    trainer.step()  # 64 samples: the warm-up is over after this one
+    assert trainer.cur_nimg == 64
+    assert all(torch.equal(v, g0[k]) for k, v in trainer.adapter.state_dict().items())
+    assert not all(torch.equal(v, fake0[k]) for k, v in trainer.fake_score.state_dict().items())
+    trainer.step()
+    assert not all(torch.equal(v, g0[k]) for k, v in trainer.adapter.state_dict().items())
+
+
 def test_snapshot_stats_and_preview(tmp_path):
     adapter, teacher, fake = _networks()
     ikl.train(adapter, teacher, fake, dict(OPTS, total_kimg=0.128, image_ticks=2), str(tmp_path))
