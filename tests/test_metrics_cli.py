@@ -1,6 +1,7 @@
 """calc_metrics.py end to end, with a stand-in for the root `adapters.load_generator`."""
 
 import json
+import os
 import sys
 import types
 
@@ -10,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import calc_metrics
+import calc_ref
 import dnnlib
 from metrics.detectors import FMNIST_FORMAT
 from metrics.fmnist_net import FashionFeatureNet
@@ -94,3 +96,28 @@ def test_calc_metrics_defaults_to_the_recorded_training_data(setup):
     assert json.loads(with_data.output)['reference'] == str(tmp_path / 'data.zip')
     without = CliRunner().invoke(calc_metrics.main, ['--network=plain.pkl', *args])
     assert without.exit_code != 0 and 'need a reference' in without.output
+
+
+def test_calc_ref_file_stands_in_for_the_dataset(setup):
+    """The saved statistics give exactly the dataset's distance; the file is never overwritten; the detector is checked."""
+    tmp_path, _ = setup
+    dest = str(tmp_path / 'ref.npz')
+    detector = f'--detector={tmp_path}/random-detector.pt'
+    made = CliRunner().invoke(calc_ref.main, [f'--data={tmp_path}/data.zip', f'--dest={dest}', detector, '--workers=0',
+                                              '--device=cpu'])
+    assert made.exit_code == 0, made.output
+    common = ['--network=net.pkl', '--metrics=fid40', detector, '--quiet', '--workers=0']
+    via_data = CliRunner().invoke(calc_metrics.main, common + [f'--data={tmp_path}/data.zip'])
+    via_file = CliRunner().invoke(calc_metrics.main, common + [f'--ref={dest}'])
+    assert via_data.exit_code == 0 and via_file.exit_code == 0, via_data.output + via_file.output
+    fd_data, fd_file = (json.loads(r.output)['results']['fd_random-detector40'] for r in (via_data, via_file))
+    assert fd_data > 0 and fd_file == pytest.approx(fd_data, rel=1e-9)
+
+    stamp = os.path.getmtime(dest)
+    again = CliRunner().invoke(calc_ref.main, [f'--data={tmp_path}/data.zip', f'--dest={dest}', detector])
+    assert again.exit_code != 0 and 'already exists' in again.output and os.path.getmtime(dest) == stamp
+    torch.manual_seed(1)
+    torch.save(dict(state_dict=FashionFeatureNet().state_dict(), meta=dict(format=FMNIST_FORMAT)), tmp_path / 'other.pt')
+    wrong = CliRunner().invoke(calc_metrics.main, ['--network=net.pkl', '--metrics=fid40', f'--ref={dest}', '--quiet',
+                                                   f'--detector={tmp_path}/other.pt'])
+    assert wrong.exit_code != 0 and 'another detector' in wrong.output and 'Traceback' not in wrong.output
