@@ -5,6 +5,7 @@ Both scripts are the same engine with different generator adapters, so they take
 and the engine's files) and resume the same way (`--resume=<run dir>` reads the saved options back).
 """
 
+import glob
 import json
 import os
 from typing import Callable, List, Optional
@@ -17,6 +18,7 @@ from adapters import TeacherSamplerAdapter
 from ikl.engine import TrainingOptions, default_snapshot, train
 from metrics import GeneratorReference, MetricRunner
 from torch_utils import distributed as dist
+from torch_utils.run_files import kimg_label
 
 
 class SetupError(click.ClickException):
@@ -98,6 +100,23 @@ def metric_names(c: dnnlib.EasyDict) -> List[str]:
     return [] if c.metrics in (None, '', 'none') else [m.strip() for m in c.metrics.split(',') if m.strip()]
 
 
+def summary(run_dir: str, cur_nimg: int) -> str:
+    """Where the results are, and each metric first and last (read back from the run's `metric-*.jsonl`, so a
+    resumed run still compares with its real start)."""
+    lines = [f'Done at {cur_nimg / 1000:g} kimg: {run_dir}',
+             f'  grids: fakes_init.png (start), fakes{kimg_label(cur_nimg)}.png (end)']
+    for path in sorted(glob.glob(os.path.join(run_dir, 'metric-*.jsonl'))):
+        with open(path, encoding='utf-8') as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if len(records) < 2:
+            continue
+        first, last = records[0], records[-1]
+        where = 'start' if first.get('snapshot_pkl') is None else os.path.basename(first['snapshot_pkl'])
+        for name, value in first['results'].items():
+            lines.append(f'  {name}: {value:.4g} at {where} -> {last["results"][name]:.4g} at the end')
+    return '\n'.join(lines)
+
+
 def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Callable, run_dir: str,
                  device: torch.device) -> Optional[Callable]:
     """The engine's `on_snapshot`: `--metrics` of the EMA generator (seen through `to_generator(ema)`) against the
@@ -140,8 +159,9 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
     try:
         dist.print0(f'{description} -> {run_dir}')
         on_snapshot = metrics_hook(c, teacher, to_generator, run_dir, device) if dist.get_rank() == 0 else None
-        train(adapter, teacher, fake_score, training_options(c), run_dir, device=device, snapshot_fn=snapshot_fn,
-              resume='auto' if resume else None, on_snapshot=on_snapshot)
+        trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
+                        snapshot_fn=snapshot_fn, resume='auto' if resume else None, on_snapshot=on_snapshot)
+        dist.print0(summary(run_dir, trainer.cur_nimg))
     finally:
         if logger is not None:
             logger.close()

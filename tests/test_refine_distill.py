@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import distill
 import generate
 import refine
+import trainer_cli
 from stylegan2 import networks as sg
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 from teachers import networks as tn
@@ -75,6 +76,7 @@ def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_pat
                                   '--kimg', '0.016'] + FAST)
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(outdir)
+    assert f'Done at 0.016 kimg: {run_dir}' in result.output and 'fakes000000.016.png (end)' in result.output
     options = json.load(open(os.path.join(run_dir, 'refine_options.json')))
     assert options['network'] == files['g16'] and options['kimg'] == 0.016
     for name in ('log.txt', 'stats.jsonl', 'fakes_init.png'):
@@ -92,6 +94,17 @@ def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_pat
         assert torch.equal(a, b)
     z = torch.randn(2, 8)
     assert data['G_ema'](z, None, noise_mode='const').shape == (2, 1, 16, 16)
+
+
+def test_summary_compares_first_and_last_metric_records(tmp_path):
+    records = [dict(metric='fd_x1k', results=dict(fd_x1k=11.0), snapshot_pkl=None),
+               dict(metric='fd_x1k', results=dict(fd_x1k=9.5), snapshot_pkl='a/network-snapshot-000002.pkl'),
+               dict(metric='fd_x1k', results=dict(fd_x1k=7.25), snapshot_pkl='a/network-snapshot-000004.pkl')]
+    (tmp_path / 'metric-fd_x1k.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    (tmp_path / 'metric-kd_x1k.jsonl').write_text(json.dumps(dict(results=dict(kd_x1k=1.0), snapshot_pkl=None)) + '\n')
+    text = trainer_cli.summary(str(tmp_path), 4000)
+    assert text.splitlines() == [f'Done at 4 kimg: {tmp_path}', '  grids: fakes_init.png (start), fakes000004.png (end)',
+                                 '  fd_x1k: 11 at start -> 7.25 at the end']
 
 
 def test_refine_resume_continues_exactly(tmp_path, files):
