@@ -84,7 +84,8 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool)
                          f'{teacher.img_channels}')
     label_dim = check_labels(G.c_dim, teacher.label_dim, c.network, c.teacher)
     adapter = StyleGAN2Adapter(G, resolution=teacher.img_resolution, label_dim=label_dim, truncation_psi=c.trunc,
-                               noise_mode=c.noise_mode, trainable=c.train)
+                               noise_mode=c.noise_mode, trainable=c.train,
+                               train_noise_strength=c.get('train_noise_strength', True))
     opts = cli.training_options(c)
     c.resolved = dict(generator=dict(resolution=G.img_resolution, channels=G.img_channels, classes=G.c_dim,
                                      trainable_params=sum(p.numel() for p in adapter.parameters() if p.requires_grad)),
@@ -122,6 +123,7 @@ Examples:
 @click.option('--teacher', metavar='PKL|URL|NAME', help='EDM teacher pickle, URL or official short name (e.g. cifar10-cond)')
 @click.option('--source-net', type=click.Choice(['G_ema', 'G']), default='G_ema', show_default=True, help='Which generator of the pickle to refine')
 @click.option('--train', type=click.Choice(['all', 'synthesis', 'mapping']), default='all', show_default=True, help='Which generator parameters train')
+@click.option('--train-noise-strength', type=bool, default=False, show_default=True, help='Also train the per-layer noise strengths (off: their IKL gradient is noise)')
 @click.option('--trunc', type=click.FloatRange(min=0), default=1.0, show_default=True, help='Truncation psi during training')
 @click.option('--noise-mode', type=click.Choice(['random', 'const', 'none']), default='random', show_default=True, help='Synthesis noise during training')
 @cli.engine_options

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import distill
 import generate
 import refine
+from adapters import StyleGAN2Adapter
 import trainer_cli
 from stylegan2 import networks as sg
 from stylegan2.pickles import load_network_pkl, save_network_pkl
@@ -94,6 +95,19 @@ def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_pat
         assert torch.equal(a, b)
     z = torch.randn(2, 8)
     assert data['G_ema'](z, None, noise_mode='const').shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize('trainable, noise, expect', [
+    ('all', False, lambda n: not n.endswith('noise_strength')), ('all', True, lambda n: True),
+    ('synthesis', False, lambda n: n.startswith('synthesis.') and not n.endswith('noise_strength')),
+    ('mapping', False, lambda n: n.startswith('mapping.')), ('none', True, lambda n: False)])
+def test_stylegan2_adapter_trains_the_chosen_parameters(trainable, noise, expect):
+    G = tiny_G()
+    adapter = StyleGAN2Adapter(G, trainable=trainable, train_noise_strength=noise)
+    names = [n for n, _ in G.named_parameters()]
+    assert any(n.endswith('noise_strength') for n in names)
+    assert {n for n, p in G.named_parameters() if p.requires_grad} == {n for n in names if expect(n)}
+    assert {id(p) for p in adapter.parameters() if p.requires_grad} == {id(p) for n, p in G.named_parameters() if expect(n)}
 
 
 def test_summary_compares_first_and_last_metric_records(tmp_path):
