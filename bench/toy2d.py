@@ -6,7 +6,8 @@ to the nearest of the mixture centres *except* a held-out few, so its samples pi
 Metrics on 10k samples of each generator (EMA weights for the refined ones):
 - modes covered: a mode counts when it holds at least 10 % of its fair share (1/25) of the samples within 3 std;
 - high quality: the share of samples within 3 std (0.15) of some centre;
-- reverse KL: KL(q || uniform) over the 25-mode histogram of the high-quality samples (0 is perfect).
+- reverse KL: KL(q || uniform) over the 25-mode histogram of the high-quality samples (0 is perfect);
+- mode std: per-coordinate spread of the high-quality samples around their centre (the teacher's is 0.05).
 Scatter plots (PNG) go to --outdir. Prints a table, then one JSON object as its last line.
 """
 
@@ -38,7 +39,9 @@ def mode_metrics(x: torch.Tensor, teacher) -> dict:
     q = counts / counts.sum().clamp_min(1)
     nz = q > 0
     rkl = float((q[nz] * (q[nz] * teacher.num_components).log()).sum())
-    return dict(modes=int((counts >= 0.1 * fair).sum()), high_quality=float(hq.double().mean()), reverse_kl=rkl)
+    spread = float((d.values[hq] ** 2).mean().div(x.shape[1]).sqrt()) if bool(hq.any()) else float('nan')
+    return dict(modes=int((counts >= 0.1 * fair).sum()), high_quality=float(hq.double().mean()), reverse_kl=rkl,
+                mode_std=spread)
 
 
 def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_steps: int, seed: int, outdir: str):
@@ -112,9 +115,10 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         results[method] = dict(mode_metrics(x, teacher), seconds=round(time.time() - t1, 1))
         save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
 
-    print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"seconds":>8}')
+    print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"mode std":>9} {"seconds":>8}')
     for method, r in results.items():
-        print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} {r["seconds"]:>8.1f}')
+        print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
+              f'{r["mode_std"]:>9.4f} {r["seconds"]:>8.1f}')
     print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, results=results)))
 
 
