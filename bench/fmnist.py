@@ -42,20 +42,23 @@ def run_tool(script: str, args: list, outdir: str) -> str:
 
 
 @click.command()
-@click.option('--gan', required=True, help='StyleGAN2 pickle (train_stylegan2.py)')
-@click.option('--teacher', required=True, help='EDM teacher pickle (train_teacher.py)')
-@click.option('--data', required=True, help='Reference dataset ZIP (dataset_tool.py) or statistics .npz')
+@click.option('--gan', default='embedded/fmnist-stylegan2.pkl', show_default=True, help='StyleGAN2 pickle (train_stylegan2.py)')
+@click.option('--teacher', default='embedded/fmnist-edm.pkl', show_default=True, help='EDM teacher pickle (train_teacher.py)')
+@click.option('--data', default='embedded/fmnist-32x32-fmnist.npz', show_default=True,
+              help='Reference: dataset ZIP (dataset_tool.py) or statistics .npz (calc_ref.py)')
 @click.option('--num', type=click.IntRange(min=2), default=2000, show_default=True, help='Samples per distance')
-@click.option('--refine-kimg', type=float, default=20, show_default=True)
+@click.option('--refine-kimg', type=float, default=2, show_default=True, help='Refinement length, fake warm-up included')
+@click.option('--fake-warmup', type=float, default=1, show_default=True, help='Refinement: fake-score warm-up, kimg')
 @click.option('--distill-kimg', type=float, default=20, show_default=True)
 @click.option('--batch', type=int, default=32, show_default=True)
 @click.option('--glr', type=float, default=1e-4, show_default=True, help='Generator lr for refine and distill')
 @click.option('--lr', type=float, default=1e-4, show_default=True, help='Fake-score lr for refine and distill')
 @click.option('--outdir', default='bench-out/fmnist', show_default=True)
 @click.option('--device', default='cpu', show_default=True)
-def main(gan, teacher, data, num, refine_kimg, distill_kimg, batch, glr, lr, outdir, device):
+def main(gan, teacher, data, num, refine_kimg, fake_warmup, distill_kimg, batch, glr, lr, outdir, device):
     """Fréchet distance (offline detector) of GAN, refined GAN, teacher and one-step student."""
     device = torch.device(device)
+    gan, teacher, data, outdir = (os.path.abspath(p) for p in (gan, teacher, data, outdir))  # tools run in ROOT
     os.makedirs(outdir, exist_ok=True)
     common = ['--batch', str(batch), '--glr', str(glr), '--lr', str(lr), '--device', str(device),
               '--tick', '1', '--snap', '1000']
@@ -70,7 +73,8 @@ def main(gan, teacher, data, num, refine_kimg, distill_kimg, batch, glr, lr, out
 
     measure('gan', lambda: adapters.load_generator(gan, device))
     start = time.time()
-    refined = run_tool('refine.py', ['--network', gan, '--teacher', teacher, '--kimg', str(refine_kimg)] + common, outdir)
+    refined = run_tool('refine.py', ['--network', gan, '--teacher', teacher, '--kimg', str(refine_kimg),
+                                    '--fake-warmup', str(fake_warmup)] + common, outdir)
     measure('gan_refined', lambda: adapters.load_generator(refined, device), time.time() - start)
     for steps in (18, 35):
         measure(f'teacher_heun{steps}', lambda: adapters.load_generator(teacher, device, num_steps=steps))
@@ -86,7 +90,7 @@ def main(gan, teacher, data, num, refine_kimg, distill_kimg, batch, glr, lr, out
         print(f'{name:<22} {row["fd"]:10.3f} {row["seconds"]:9.1f}')
     print(f'refined / GAN = {ratios["refined_over_gan"]:.3f} (target <= 0.7); '
           f'student / teacher-35 = {ratios["student_over_teacher35"]:.3f} (target <= 1.5)')
-    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, distill_kimg=distill_kimg,
+    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, distill_kimg=distill_kimg,
                           results=rows, ratios=ratios)))
 
 
