@@ -90,10 +90,10 @@ Examples:
   python distill.py --teacher=cifar10-uncond --init-sigma=1.0 --batch=128 --glr=1e-5 --lr=1e-5 --outdir=runs
   # A StyleGAN2 student instead of a copy of the teacher:
   python distill.py --teacher=cifar10-cond --student=stylegan2 --z-dim=512 --cbase=16384 --cmax=256 --outdir=runs
-  # A Fashion-MNIST teacher made with train_teacher.py, on the CPU, then sample the student:
-  python distill.py --teacher=runs/00000-fmnist-32x32-cond-ddpmpp-edm-batch64/network-snapshot-000200.pkl \
-      --kimg=20 --batch=32 --glr=1e-4 --lr=1e-4 --outdir=runs
-  python generate.py --network=runs/00002-distill-network-snapshot-000200-onestep/network-snapshot-000020.pkl \
+  # The shipped Fashion-MNIST teacher on the CPU (about 13 min), then sample the student:
+  python distill.py --teacher=embedded/fmnist-edm.pkl --kimg=20 --batch=32 --glr=1e-4 --lr=1e-4 --tick=2 \\
+      --snap=1 --outdir=runs
+  python generate.py --network=runs/00000-distill-fmnist-edm-onestep/network-snapshot-000020.pkl \\
       --seeds=0-63 --grid --outdir=out
   # Continue a stopped run:
   python distill.py --resume=runs/00000-distill-fmnist-edm''')

@@ -110,11 +110,13 @@ Examples:
       --teacher=cifar10-cond --outdir=runs --kimg=2000 --batch=64
   # A 256 px generator refined through a 64 px teacher (images are resized with antialiasing):
   python refine.py --network=ffhq256.pkl --teacher=edm-ffhq-64x64-uncond-vp --train=synthesis --outdir=runs
-  # Fashion-MNIST models made with train_stylegan2.py and train_teacher.py, on the CPU, with a data-free
-  # Frechet distance (offline detector, teacher samples as reference) at the start and at every snapshot:
-  python refine.py --network=runs/00001-fmnist-32x32-cond/network-snapshot-000100.pkl \
-      --teacher=runs/00000-fmnist-32x32-cond-ddpmpp-edm-batch64/network-snapshot-000200.pkl \
-      --kimg=10 --batch=32 --glr=1e-4 --lr=1e-4 --metrics=fid2k_full --detector=fmnist
+  # The shipped Fashion-MNIST models (embedded/README.md) on the CPU, with the Frechet distance in the offline
+  # detector's features at the start and at the end (what `make demo` runs):
+  python refine.py --network=embedded/fmnist-stylegan2.pkl --teacher=embedded/fmnist-edm.pkl --outdir=runs \\
+      --kimg=2 --fake-warmup=1 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 --snap=1000 \\
+      --metrics=fid2000_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
+  # Data-free metrics instead (reference: samples of the teacher):
+  python refine.py --network=g.pkl --teacher=edm.pkl --metrics=fid10k_full --outdir=runs
   # Continue a stopped run exactly where it left off:
   python refine.py --resume=runs/00000-refine-cifar10-cifar10-cond
   # Several GPUs:

@@ -44,21 +44,22 @@ def mode_metrics(x: torch.Tensor, teacher) -> dict:
                 mode_std=spread)
 
 
-def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_steps: int, seed: int, outdir: str):
+def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_steps: int, seed: int, outdir: str, width: int,
+                                 depth: int):
     """Collapse on purpose: instruct a fresh MLP generator (IKL) by the mixture *without* the DROPPED modes."""
     kept = [k for k in range(teacher.num_components) if k not in DROPPED]
     partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
-    adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, 128, 3), [2])
-    fake = pretrained_fake(partial, fake_steps, seed, opts['sigma_data'])
+    adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, width, depth), [2])
+    fake = pretrained_fake(partial, fake_steps, seed, opts['sigma_data'], width, depth)
     trainer = ikl.train(adapter, partial, fake, dict(opts, total_kimg=kimg, seed=seed + 7), os.path.join(outdir, 'start'))
     return trainer.ema.G
 
 
-def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDenoiser:
+def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: int, depth: int) -> MLPDenoiser:
     """A learned copy of the teacher (what the fake score starts from with a network teacher)."""
     torch.manual_seed(seed + 1)
-    fake = MLPDenoiser(2, 128, 3, sigma_data=sigma_data)
+    fake = MLPDenoiser(2, width, depth, sigma_data=sigma_data)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(fake.parameters(), 1e-3)
     for _ in range(steps):
@@ -83,10 +84,12 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float) -> MLPDen
 @click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
+@click.option('--width', type=int, default=128, show_default=True, help='Hidden units of the generator and fake-score MLPs.')
+@click.option('--depth', type=int, default=3, show_default=True, help='Hidden layers of both MLPs.')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, start_kimg, fake_init_steps,
-         seed, methods):
+         width, depth, seed, methods):
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
@@ -96,8 +99,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 sigma_data=sigma_data, ema_halflife_kimg=ema, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
                 image_ticks=None, grid_size=0, progress=False, tensorboard=False)
     t0 = time.time()
-    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir)
-    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data)
+    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, width, depth)
+    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, width, depth)
     setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
@@ -119,7 +122,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     for method, r in results.items():
         print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
               f'{r["mode_std"]:>9.4f} {r["seconds"]:>8.1f}')
-    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, results=results)))
+    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, width=width, depth=depth,
+                          results=results)))
 
 
 if __name__ == '__main__':
