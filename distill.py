@@ -58,7 +58,7 @@ def build_student(c: dnnlib.EasyDict, teacher: torch.nn.Module):
     G = stylegan2_networks.Generator(z_dim=c.z_dim, w_dim=c.z_dim, **size, mapping_kwargs=dict(num_layers=c.map),
                                      synthesis_kwargs=dict(channel_base=c.cbase, channel_max=c.cmax))
     D = stylegan2_networks.Discriminator(**size, channel_base=c.cbase, channel_max=c.cmax).eval().requires_grad_(False)
-    return StyleGAN2Adapter(G, label_dim=teacher.label_dim), stylegan2_snapshot(D)
+    return StyleGAN2Adapter(G, label_dim=teacher.label_dim, train_noise_strength=True), stylegan2_snapshot(D)
 
 
 def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool) -> None:
