@@ -1,8 +1,8 @@
 """Image-scale benchmark on Fashion-MNIST: does a real StyleGAN2 generator get better when an EDM teacher instructs it?
 
-Given a StyleGAN2 generator and an EDM teacher (both trained with this toolkit's scripts), it measures the
+Given a StyleGAN2 generator and an EDM teacher (by default the ones shipped in `embedded/`), it measures the
 Fréchet distance in the offline Fashion-MNIST detector's features (`fd_fmnist`, not Inception FID) against a
-dataset, for: the GAN before refinement, the GAN after `refine.py`, the teacher with 18- and 35-step Heun
+dataset (by default the shipped statistics of the training set), for: the GAN before refinement, the GAN after `refine.py`, the teacher with 18- and 35-step Heun
 sampling, and a one-step student from `distill.py`; with the wall time of each. Refinement and distillation run
 through the real command-line tools into --outdir. Prints a table, then one JSON object as its last line.
 
