@@ -27,7 +27,8 @@ test: venv
 DEMO_KIMG ?= 2
 demo: venv
 	$(PY) refine.py --network=embedded/fmnist-stylegan2.pkl --teacher=embedded/fmnist-edm.pkl --outdir=demo-out \
-	    --kimg=$(DEMO_KIMG) --fake-warmup=1 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 --snap=1000 --device=cpu \
+	    --kimg=$(DEMO_KIMG) --fake-warmup=1 --p-mean=-2.3 --p-std=0.3 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 \
+	    --snap=1000 --device=cpu \
 	    --metrics=fid2000_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
 
 check-cuda:

@@ -49,13 +49,15 @@ def run_tool(script: str, args: list, outdir: str) -> str:
 @click.option('--num', type=click.IntRange(min=2), default=2000, show_default=True, help='Samples per distance')
 @click.option('--refine-kimg', type=float, default=2, show_default=True, help='Refinement length, fake warm-up included')
 @click.option('--fake-warmup', type=float, default=1, show_default=True, help='Refinement: fake-score warm-up, kimg')
+@click.option('--p-mean', type=float, default=-2.3, show_default=True, help='Refinement: mean of ln(sigma)')
+@click.option('--p-std', type=float, default=0.3, show_default=True, help='Refinement: std of ln(sigma)')
 @click.option('--distill-kimg', type=float, default=20, show_default=True)
 @click.option('--batch', type=int, default=32, show_default=True)
 @click.option('--glr', type=float, default=1e-4, show_default=True, help='Generator lr for refine and distill')
 @click.option('--lr', type=float, default=1e-4, show_default=True, help='Fake-score lr for refine and distill')
 @click.option('--outdir', default='bench-out/fmnist', show_default=True)
 @click.option('--device', default='cpu', show_default=True)
-def main(gan, teacher, data, num, refine_kimg, fake_warmup, distill_kimg, batch, glr, lr, outdir, device):
+def main(gan, teacher, data, num, refine_kimg, fake_warmup, p_mean, p_std, distill_kimg, batch, glr, lr, outdir, device):
     """Fréchet distance (offline detector) of GAN, refined GAN, teacher and one-step student."""
     device = torch.device(device)
     gan, teacher, data, outdir = (os.path.abspath(p) for p in (gan, teacher, data, outdir))  # tools run in ROOT
@@ -74,7 +76,8 @@ def main(gan, teacher, data, num, refine_kimg, fake_warmup, distill_kimg, batch,
     measure('gan', lambda: adapters.load_generator(gan, device))
     start = time.time()
     refined = run_tool('refine.py', ['--network', gan, '--teacher', teacher, '--kimg', str(refine_kimg),
-                                    '--fake-warmup', str(fake_warmup)] + common, outdir)
+                                    '--fake-warmup', str(fake_warmup), '--p-mean', str(p_mean), '--p-std', str(p_std)]
+                      + common, outdir)
     measure('gan_refined', lambda: adapters.load_generator(refined, device), time.time() - start)
     for steps in (18, 35):
         measure(f'teacher_heun{steps}', lambda: adapters.load_generator(teacher, device, num_steps=steps))
@@ -90,7 +93,7 @@ def main(gan, teacher, data, num, refine_kimg, fake_warmup, distill_kimg, batch,
         print(f'{name:<22} {row["fd"]:10.3f} {row["seconds"]:9.1f}')
     print(f'refined / GAN = {ratios["refined_over_gan"]:.3f} (target <= 0.7); '
           f'student / teacher-35 = {ratios["student_over_teacher35"]:.3f} (target <= 1.5)')
-    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, distill_kimg=distill_kimg,
+    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, p_mean=p_mean, p_std=p_std, distill_kimg=distill_kimg,
                           results=rows, ratios=ratios)))
 
 
