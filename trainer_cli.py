@@ -43,6 +43,8 @@ def engine_options(fn: Callable) -> Callable:
         click.option('--fake-warmup', type=click.FloatRange(min=0), default=0, show_default=True,
                      help='Fit the fake score alone to the generator for this many kimg first'),
         click.option('--warmup', type=click.FloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg'),
+        click.option('--rampdown', type=click.FloatRange(min=0), default=0, show_default=True,
+                     help='Cosine learning-rate ramp-down to zero over the last N kimg'),
         click.option('--ema', type=click.FloatRange(min=0), default=500, show_default=True, help='EMA half-life of the generator, kimg'),
         click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)'),
         click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True, help='Autocast for the forwards (fp16 adds dynamic loss scaling)'),
@@ -73,7 +75,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         total_kimg=c.kimg, batch=c.batch, batch_gpu=c.batch_gpu, divergence=c.divergence, sigma=c.sigma,
         P_mean=c.p_mean, P_std=c.p_std, weighting=c.weighting, normalize=c.normalize, fake_steps=c.fake_steps,
         fake_warmup_kimg=c.get('fake_warmup', 0), fake_P_mean=c.p_mean, fake_P_std=c.p_std,
-        g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, ema_halflife_kimg=c.ema,
+        g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, lr_rampdown_kimg=c.get('rampdown', 0), ema_halflife_kimg=c.ema,
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))

@@ -29,6 +29,9 @@ from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
+# How the start is made, whatever the refinement options, so that runs with different options start alike.
+START_RECIPE = dict(g_lr=1e-3, fake_lr=3e-3, fake_steps=1, P_mean=-1.2, P_std=1.2, fake_P_mean=-1.2, fake_P_std=1.2,
+                    weighting='denoiser', normalize=False, lr_rampdown_kimg=0)
 
 
 def mode_metrics(x: torch.Tensor, teacher) -> dict:
@@ -44,15 +47,16 @@ def mode_metrics(x: torch.Tensor, teacher) -> dict:
                 mode_std=spread)
 
 
-def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_steps: int, seed: int, outdir: str, width: int,
-                                 depth: int):
+def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_steps: int, seed: int, outdir: str,
+                                 generator_kwargs: dict, fake_width: int, fake_depth: int):
     """Collapse on purpose: instruct a fresh MLP generator (IKL) by the mixture *without* the DROPPED modes."""
     kept = [k for k in range(teacher.num_components) if k not in DROPPED]
     partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
-    adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, width, depth), [2])
-    fake = pretrained_fake(partial, fake_steps, seed, opts['sigma_data'], width, depth)
-    trainer = ikl.train(adapter, partial, fake, dict(opts, total_kimg=kimg, seed=seed + 7), os.path.join(outdir, 'start'))
+    adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, **generator_kwargs), [2])
+    fake = pretrained_fake(partial, fake_init_steps, seed, opts['sigma_data'], fake_width, fake_depth)
+    start_opts = dict(opts, **START_RECIPE, total_kimg=kimg, seed=seed + 7)
+    trainer = ikl.train(adapter, partial, fake, start_opts, os.path.join(outdir, 'start'))
     return trainer.ema.G
 
 
@@ -82,25 +86,32 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: in
 @click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
 @click.option('--normalize', type=bool, default=False, show_default=True)
 @click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
+@click.option('--rampdown', type=float, default=0, show_default=True, help='Cosine lr ramp-down over the last N kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
-@click.option('--width', type=int, default=128, show_default=True, help='Hidden units of the generator and fake-score MLPs.')
-@click.option('--depth', type=int, default=3, show_default=True, help='Hidden layers of both MLPs.')
+@click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
+@click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
+@click.option('--g-act', type=click.Choice(['silu', 'relu']), default='silu', show_default=True, help='Its activation.')
+@click.option('--input-gain', type=float, default=1.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
+@click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
+@click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
-def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, start_kimg, fake_init_steps,
-         width, depth, seed, methods):
+def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
+         fake_init_steps, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
     sigma_data = 2.8  # the grid's per-coordinate std (sqrt(8) for centres -4..4)
     opts = dict(total_kimg=kimg, batch=batch, g_lr=lr, fake_lr=fake_lr or lr, fake_steps=fake_steps, P_mean=p_mean,
                 P_std=p_std, fake_P_mean=p_mean, fake_P_std=p_std, weighting=weighting, normalize=normalize,
-                sigma_data=sigma_data, ema_halflife_kimg=ema, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
+                sigma_data=sigma_data, ema_halflife_kimg=ema, lr_rampdown_kimg=rampdown, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
                 image_ticks=None, grid_size=0, progress=False, tensorboard=False)
     t0 = time.time()
-    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, width, depth)
-    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, width, depth)
+    generator_kwargs = dict(hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
+    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_width,
+                                      fake_depth)
+    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, fake_width, fake_depth)
     setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
@@ -122,7 +133,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     for method, r in results.items():
         print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
               f'{r["mode_std"]:>9.4f} {r["seconds"]:>8.1f}')
-    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, width=width, depth=depth,
+    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, generator=generator_kwargs,
+                          fake=dict(width=fake_width, depth=fake_depth),
                           results=results)))
 
 

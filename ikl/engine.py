@@ -29,6 +29,7 @@ accumulating N rounds of b.
 import copy
 import dataclasses
 import json
+import math
 import os
 import pickle
 import time
@@ -85,6 +86,7 @@ class TrainingOptions:
     betas: tuple = (0.0, 0.999)
     adam_eps: float = 1e-8
     lr_warmup_kimg: float = 0.0     # Linear ramp of both learning rates (0: none).
+    lr_rampdown_kimg: float = 0.0   # Cosine ramp of both learning rates to zero over the last N kimg (0: none).
     g_loss_scale: float = 1.0       # Static multipliers (official --ls / --sgls).
     fake_loss_scale: float = 1.0
     # EMA of the generator.
@@ -133,9 +135,10 @@ class TrainingOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
-        if self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0 or self.fake_warmup_kimg < 0:
-            raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg >= 0 '
-                             'are required')
+        if (self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0
+                or min(self.fake_warmup_kimg, self.lr_warmup_kimg, self.lr_rampdown_kimg) < 0):
+            raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg, '
+                             'lr_warmup_kimg, lr_rampdown_kimg >= 0 are required')
 
 
 def build_divergence(opts: TrainingOptions) -> Divergence:
@@ -259,9 +262,14 @@ class Trainer:
     # -- one iteration ----------------------------------------------------------------------------------------
 
     def _lr_factor(self) -> float:
-        if self.opts.lr_warmup_kimg <= 0:
-            return 1.0
-        return min(self.cur_nimg / (self.opts.lr_warmup_kimg * 1000), 1.0)
+        """Linear warm-up from zero, then a cosine ramp-down that reaches zero at total_kimg. A late ramp-down lets
+        the generator settle where a constant lr keeps it jittering (sharper modes in `bench/toy2d.py`)."""
+        o, kimg = self.opts, self.cur_nimg / 1000
+        factor = min(kimg / o.lr_warmup_kimg, 1.0) if o.lr_warmup_kimg > 0 else 1.0
+        if o.lr_rampdown_kimg > 0:
+            left = min(max(o.total_kimg - kimg, 0.0) / o.lr_rampdown_kimg, 1.0)
+            factor *= 0.5 - 0.5 * math.cos(math.pi * left)
+        return factor
 
     def _apply_gradients(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> bool:
         """Sum gradients over processes, then skip (non-finite) or unscale and step. Returns whether it stepped."""

@@ -5,6 +5,7 @@ Run as a script (`torchrun ... tests/test_ikl_engine.py OUTDIR`) this file is th
 
 import copy
 import glob
+import math
 import os
 import pickle
 import subprocess
@@ -153,6 +154,30 @@ def test_schedule_generator_forwards(tmp_path, schedule, forwards):
     trainer.step()
     trainer.step()
     assert trainer.adapter.calls == 2 * forwards and trainer.adapter.grad_calls == 2
+
+
+def test_lr_warmup_then_cosine_rampdown(tmp_path):
+    """10 steps of 32 samples: linear warm-up over 64 samples, cosine ramp-down over the last 160 (closed form
+    0.5 - 0.5 cos(pi * samples_left / 160)); the fake score follows the same schedule."""
+    adapter, teacher, fake = _networks()
+    trainer = ikl.Trainer(adapter, teacher, fake, dict(OPTS, batch_gpu=32, lr_warmup_kimg=0.064, lr_rampdown_kimg=0.16),
+                          str(tmp_path))
+    rates = {'G': [], 'fake': []}
+    apply = trainer._apply_gradients
+
+    def recording(params, optimizer, scaler, lr, name):
+        rates[name].append(lr)
+        return apply(params, optimizer, scaler, lr, name)
+
+    trainer._apply_gradients = recording
+    for _ in range(10):
+        trainer.step()
+    cosine_tail = [0.5 - 0.5 * math.cos(math.pi * left / 160) for left in (128, 96, 64, 32)]
+    expected = [0.0, 0.5, 1.0, 1.0, 1.0, 1.0] + cosine_tail
+    assert rates['G'] == pytest.approx([1e-3 * f for f in expected], abs=1e-12)
+    assert rates['fake'] == rates['G']
+    with pytest.raises(ValueError, match='lr_rampdown_kimg'):
+        ikl.Trainer(adapter, teacher, fake, dict(OPTS, lr_rampdown_kimg=-1), str(tmp_path / 'bad'))
 
 
 def test_fake_warmup_trains_only_the_fake_score_first(tmp_path):
