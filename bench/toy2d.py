@@ -1,11 +1,12 @@
 """Toy benchmark: refine a mode-dropping 2-D generator with IKL, with SDS, or not at all (25 Gaussians, 5x5 grid).
 
 The teacher is the exact Gaussian-mixture denoiser (`teachers.analytic.grid25`: centres -4..4, std 0.05). The
-starting generator is an MLP made to drop modes on purpose: it is first fitted to cover the square, then pulled
-to the nearest of the mixture centres *except* a held-out few, so its samples pile up on the other modes.
+starting generator is an MLP made to drop modes on purpose: a fresh one is instructed (IKL, one fixed recipe) by
+the mixture *without* five held-out modes. Refinement defaults: the official noise law and weighting, lr 1e-3
+with a cosine ramp-down over the last quarter, generator latent gain 5 (see the README for what was measured).
 Metrics on 10k samples of each generator (EMA weights for the refined ones):
 - modes covered: a mode counts when it holds at least 10 % of its fair share (1/25) of the samples within 3 std;
-- high quality: the share of samples within 3 std (0.15) of some centre;
+- high quality: the share of samples within 3 std (0.15) of some centre (98.9 % for exact samples);
 - reverse KL: KL(q || uniform) over the 25-mode histogram of the high-quality samples (0 is perfect);
 - mode std: per-coordinate spread of the high-quality samples around their centre (the teacher's is 0.05).
 Scatter plots (PNG) go to --outdir. Prints a table, then one JSON object as its last line.
@@ -86,13 +87,13 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: in
 @click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
 @click.option('--normalize', type=bool, default=False, show_default=True)
 @click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
-@click.option('--rampdown', type=float, default=0, show_default=True, help='Cosine lr ramp-down over the last N kimg.')
+@click.option('--rampdown', type=float, default=4000, show_default=True, help='Cosine lr ramp-down over the last N kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
 @click.option('--g-act', type=click.Choice(['silu', 'relu']), default='silu', show_default=True, help='Its activation.')
-@click.option('--input-gain', type=float, default=1.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
+@click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
 @click.option('--seed', type=int, default=0, show_default=True)
