@@ -87,7 +87,8 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: in
 @click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
 @click.option('--normalize', type=bool, default=False, show_default=True)
 @click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
-@click.option('--rampdown', type=float, default=4000, show_default=True, help='Cosine lr ramp-down over the last N kimg.')
+@click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
@@ -106,8 +107,9 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     sigma_data = 2.8  # the grid's per-coordinate std (sqrt(8) for centres -4..4)
     opts = dict(total_kimg=kimg, batch=batch, g_lr=lr, fake_lr=fake_lr or lr, fake_steps=fake_steps, P_mean=p_mean,
                 P_std=p_std, fake_P_mean=p_mean, fake_P_std=p_std, weighting=weighting, normalize=normalize,
-                sigma_data=sigma_data, ema_halflife_kimg=ema, lr_rampdown_kimg=rampdown, seed=seed, tick_kimg=max(kimg / 10, 1), snapshot_ticks=None,
-                image_ticks=None, grid_size=0, progress=False, tensorboard=False)
+                sigma_data=sigma_data, ema_halflife_kimg=ema, lr_rampdown_kimg=rampdown * kimg, seed=seed,
+                tick_kimg=max(kimg / 10, 1), snapshot_ticks=None, image_ticks=None, grid_size=0, progress=False,
+                tensorboard=False)
     t0 = time.time()
     generator_kwargs = dict(hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_width,
@@ -135,8 +137,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
               f'{r["mode_std"]:>9.4f} {r["seconds"]:>8.1f}')
     print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, generator=generator_kwargs,
-                          fake=dict(width=fake_width, depth=fake_depth),
-                          results=results)))
+                          fake=dict(width=fake_width, depth=fake_depth), results=results)))
 
 
 if __name__ == '__main__':

@@ -30,8 +30,8 @@ def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int, activation: str = 
 @persistence.persistent_class
 class MLPGenerator(torch.nn.Module):
     """z [N, latent_dim] -> x [N, out_dim]. A continuous map from a Gaussian latent to well-separated modes needs
-    steep transitions between them; every sample on a transition lands between modes. ReLU layers and an
-    `input_gain` on z (steep without the weights growing that far first) make them sharper than smooth SiLU ones."""
+    steep transitions between them, and every sample on a transition lands between modes. `input_gain` scales z
+    so that steep transitions need smaller weights; ReLU layers make sharper ones than SiLU layers."""
 
     def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3, input_gain: float = 1.0,
                  activation: str = 'silu'):
