@@ -2,8 +2,9 @@
 
 Given a StyleGAN2 generator and an EDM teacher (by default the ones shipped in `embedded/`), it measures the
 Fréchet distance in the offline Fashion-MNIST detector's features (`fd_fmnist`, not Inception FID) against a
-dataset (by default the shipped statistics of the training set), for: the GAN before refinement, the GAN after `refine.py`, the teacher with 18- and 35-step Heun
-sampling, and a one-step student from `distill.py`; with the wall time of each. Refinement and distillation run
+dataset (by default the shipped statistics of the training set), for: the GAN before refinement, the GAN after
+`refine.py`, the teacher with 18- and 35-step Heun sampling, and a one-step student from `distill.py`; with the
+wall time of each. Refinement and distillation run
 through the real command-line tools into --outdir. Prints a table, then one JSON object as its last line.
 
 Targets (issue 9): refined <= 0.7x the original GAN's distance; the one-step student within 1.5x of the teacher's
@@ -93,8 +94,8 @@ def main(gan, teacher, data, num, refine_kimg, fake_warmup, p_mean, p_std, disti
         print(f'{name:<22} {row["fd"]:10.3f} {row["seconds"]:9.1f}')
     print(f'refined / GAN = {ratios["refined_over_gan"]:.3f} (target <= 0.7); '
           f'student / teacher-35 = {ratios["student_over_teacher35"]:.3f} (target <= 1.5)')
-    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, p_mean=p_mean, p_std=p_std, distill_kimg=distill_kimg,
-                          results=rows, ratios=ratios)))
+    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, p_mean=p_mean,
+                          p_std=p_std, distill_kimg=distill_kimg, results=rows, ratios=ratios)))
 
 
 if __name__ == '__main__':
