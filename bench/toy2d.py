@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
-from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
+from ikl.toy import ACTIVATIONS, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
@@ -49,22 +49,22 @@ def mode_metrics(x: torch.Tensor, teacher) -> dict:
 
 
 def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_steps: int, seed: int, outdir: str,
-                                 generator_kwargs: dict, fake_width: int, fake_depth: int):
+                                 generator_kwargs: dict, fake_kwargs: dict):
     """Collapse on purpose: instruct a fresh MLP generator (IKL) by the mixture *without* the DROPPED modes."""
     kept = [k for k in range(teacher.num_components) if k not in DROPPED]
     partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
     adapter = ikl.ModuleAdapter(MLPGenerator(2, 2, **generator_kwargs), [2])
-    fake = pretrained_fake(partial, fake_init_steps, seed, opts['sigma_data'], fake_width, fake_depth)
+    fake = pretrained_fake(partial, fake_init_steps, seed, opts['sigma_data'], fake_kwargs)
     start_opts = dict(opts, **START_RECIPE, total_kimg=kimg, seed=seed + 7)
     trainer = ikl.train(adapter, partial, fake, start_opts, os.path.join(outdir, 'start'))
     return trainer.ema.G
 
 
-def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: int, depth: int) -> MLPDenoiser:
+def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> MLPDenoiser:
     """A learned copy of the teacher (what the fake score starts from with a network teacher)."""
     torch.manual_seed(seed + 1)
-    fake = MLPDenoiser(2, width, depth, sigma_data=sigma_data)
+    fake = MLPDenoiser(2, sigma_data=sigma_data, **fake_kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(fake.parameters(), 1e-3)
     for _ in range(steps):
@@ -93,14 +93,15 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, width: in
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
-@click.option('--g-act', type=click.Choice(['silu', 'relu']), default='silu', show_default=True, help='Its activation.')
+@click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='silu', show_default=True, help='Its activation.')
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
+@click.option('--fake-octaves', type=int, default=0, show_default=True, help='Its sin/cos features of x (ikl.toy.MLPDenoiser).')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init_steps, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
+         fake_init_steps, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, fake_octaves, seed, methods):
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
@@ -112,9 +113,9 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 tensorboard=False)
     t0 = time.time()
     generator_kwargs = dict(hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
-    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_width,
-                                      fake_depth)
-    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, fake_width, fake_depth)
+    fake_kwargs = dict(hidden=fake_width, layers=fake_depth, x_octaves=fake_octaves)
+    G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
+    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, fake_kwargs)
     setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
@@ -137,7 +138,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
               f'{r["mode_std"]:>9.4f} {r["seconds"]:>8.1f}')
     print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, generator=generator_kwargs,
-                          fake=dict(width=fake_width, depth=fake_depth), results=results)))
+                          fake=fake_kwargs, results=results)))
 
 
 if __name__ == '__main__':
