@@ -97,11 +97,15 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, fake_kwar
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
-@click.option('--fake-octaves', type=int, default=0, show_default=True, help='Its sin/cos features of x (ikl.toy.MLPDenoiser).')
 @click.option('--seed', type=int, default=0, show_default=True)
-@click.option('--methods', type=str, default='none,sds,ikl', show_default=True)
+@click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
+              help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init_steps, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, fake_octaves, seed, methods):
+         fake_init_steps, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
+    unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
+    if unknown:
+        raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
+                                 param_hint='--methods')
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
@@ -113,7 +117,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 tensorboard=False)
     t0 = time.time()
     generator_kwargs = dict(hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
-    fake_kwargs = dict(hidden=fake_width, layers=fake_depth, x_octaves=fake_octaves)
+    fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
     fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, fake_kwargs)
     setup_sec = time.time() - t0
@@ -121,15 +125,18 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
     for method in methods.split(','):
         t1 = time.time()
-        adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [2])
-        if method == 'none':
-            model = adapter
+        if method == 'exact':
+            x = teacher.sample(10000, eval_gen())
         else:
-            fake = copy.deepcopy(fake0) if method == 'ikl' else None
-            trainer = ikl.train(adapter, teacher, fake, dict(opts, divergence=method), os.path.join(outdir, method))
-            model = trainer.ema
-        with torch.no_grad():
-            x = model.sample(10000, eval_gen())[0]
+            adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [2])
+            if method == 'none':
+                model = adapter
+            else:
+                fake = copy.deepcopy(fake0) if method == 'ikl' else None
+                trainer = ikl.train(adapter, teacher, fake, dict(opts, divergence=method), os.path.join(outdir, method))
+                model = trainer.ema
+            with torch.no_grad():
+                x = model.sample(10000, eval_gen())[0]
         results[method] = dict(mode_metrics(x, teacher), seconds=round(time.time() - t1, 1))
         save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
 

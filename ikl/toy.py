@@ -31,7 +31,8 @@ def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int, activation: str = 
 class MLPGenerator(torch.nn.Module):
     """z [N, latent_dim] -> x [N, out_dim]. A continuous map from a Gaussian latent to well-separated modes needs
     steep transitions between them, and every sample on a transition lands between modes. `input_gain` scales z
-    so that steep transitions need smaller weights; ReLU layers make sharper ones than SiLU layers."""
+    so that steep transitions need smaller weights; ReLU layers make sharper ones than SiLU layers, and saturating
+    tanh layers make flat plateaus joined by steep steps, the sharpest (bench/toy2d.py)."""
 
     def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3, input_gain: float = 1.0,
                  activation: str = 'silu'):
@@ -47,20 +48,16 @@ class MLPGenerator(torch.nn.Module):
 @persistence.persistent_class
 class MLPDenoiser(torch.nn.Module):
     """EDM-preconditioned denoiser for [N, D] data: D(x) = c_skip x + c_out F(c_in x, c_noise), c_noise = ln(sigma)/4,
-    with c_noise fed through sinusoidal features. `x_octaves` > 0 adds sin/cos of pi 2^k c_in x (k < x_octaves) to
-    the input: a plain MLP of c_in x is smooth at the scale of sigma_data, so as a fake score it cannot see modes
-    much narrower than that, and instructing a generator with it narrows the generator's modes (bench/toy2d.py)."""
+    with c_noise fed through sinusoidal features."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16,
-                 x_octaves: int = 0):
+    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16):
         super().__init__()
         self.dim, self.sigma_data = dim, float(sigma_data)
         self.img_channels, self.img_resolution, self.label_dim = dim, 1, 0
         self.data_shape = [dim]
         self.sigma_min, self.sigma_max = 0.0, float('inf')
         self.register_buffer('freqs', torch.exp(torch.linspace(0, math.log(100.0), num_freqs)))
-        self.register_buffer('x_freqs', math.pi * 2.0 ** torch.arange(x_octaves, dtype=torch.float32))
-        self.net = _mlp(dim * (1 + 2 * x_octaves) + 2 * num_freqs, hidden, layers, dim)
+        self.net = _mlp(dim + 2 * num_freqs, hidden, layers, dim)
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -73,9 +70,7 @@ class MLPDenoiser(torch.nn.Module):
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         c_in = 1 / (sigma ** 2 + sd2).sqrt()
         angles = (sigma.log() / 4) * self.freqs[None, :]
-        x_in = c_in * x
-        x_angles = (x_in[:, :, None] * self.x_freqs).flatten(1)
-        features = torch.cat([x_in, x_angles.sin(), x_angles.cos(), angles.sin(), angles.cos()], dim=1)
+        features = torch.cat([c_in * x, angles.sin(), angles.cos()], dim=1)
         return c_skip * x + c_out * self.net(features).to(torch.float32)
 
 # ----------------------------------------------------------------------------------------------------------------
