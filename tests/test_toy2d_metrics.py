@@ -1,0 +1,29 @@
+"""bench/toy2d.py's coverage metric against its closed form, and its response to a generator with collapsed modes."""
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+
+from toy2d import coverage  # noqa: E402
+
+
+def test_coverage_of_two_samples_of_one_law_matches_the_closed_form():
+    # A real point is uncovered when its k nearest neighbours in the pooled N-1 real + M fake points are all real.
+    n, k = 3000, 5
+    expected = 1 - math.prod((n - 1 - j) / (2 * n - 1 - j) for j in range(k))
+    gen = torch.Generator().manual_seed(0)
+    values = [coverage(torch.randn(n, 2, generator=gen), torch.randn(n, 2, generator=gen), k) for _ in range(4)]
+    assert abs(sum(values) / len(values) - expected) < 0.006, (values, expected)
+
+
+def test_coverage_falls_when_the_modes_collapse():
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+    real = centres[torch.randint(2, (2000,), generator=gen)] + 0.05 * torch.randn(2000, 2, generator=gen)
+    narrow = centres[torch.randint(2, (2000,), generator=gen)] + 0.005 * torch.randn(2000, 2, generator=gen)
+    same = centres[torch.randint(2, (2000,), generator=gen)] + 0.05 * torch.randn(2000, 2, generator=gen)
+    assert coverage(real, narrow) < 0.2 < 0.9 < coverage(real, same)
