@@ -69,15 +69,18 @@ def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_ste
     partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
     adapter = ikl.ModuleAdapter(MLPGenerator(out_dim=2, **generator_kwargs), [generator_kwargs['latent_dim']])
-    fake = pretrained_fake(partial, fake_init_steps, seed, opts['sigma_data'], fake_kwargs)
+    fake = initial_fake(partial, 'learned', fake_init_steps, seed, opts['sigma_data'], fake_kwargs)
     start_opts = dict(opts, **START_RECIPE, total_kimg=kimg, seed=seed + 7)
     trainer = ikl.train(adapter, partial, fake, start_opts, os.path.join(outdir, 'start'))
     return trainer.ema.G
 
 
-def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> MLPDenoiser:
-    """A learned copy of the teacher (what the fake score starts from with a network teacher)."""
+def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> MLPDenoiser:
+    """The fake score's start: `exact`, the teacher plus a zero-initialised network correction (an exact copy, as a
+    network teacher's copy is); `learned`, a network fitted to the teacher by `steps` of denoising score matching."""
     torch.manual_seed(seed + 1)
+    if how == 'exact':
+        return MLPDenoiser(2, sigma_data=sigma_data, base=copy.deepcopy(teacher), **fake_kwargs)
     fake = MLPDenoiser(2, sigma_data=sigma_data, **fake_kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(fake.parameters(), 1e-3)
@@ -104,7 +107,9 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, fake_kwar
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of the fake\'s teacher copy.')
+@click.option('--fake-init', type=click.Choice(['exact', 'learned']), default='exact', show_default=True,
+              help='The refinement\'s fake score starts as the teacher plus a zeroed network, or as a network fitted to it.')
+@click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
 @click.option('--latent-dim', type=int, default=2, show_default=True, help='Latent dimensions of the generator.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
@@ -116,7 +121,7 @@ def pretrained_fake(teacher, steps: int, seed: int, sigma_data: float, fake_kwar
 @click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
               help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
+         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
     unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
     if unknown:
         raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
@@ -134,7 +139,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     generator_kwargs = dict(latent_dim=latent_dim, hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
     fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
-    fake0 = pretrained_fake(teacher, fake_init_steps, seed, sigma_data, fake_kwargs)
+    fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs)
     setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
@@ -153,7 +158,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 model = trainer.ema
             with torch.no_grad():
                 x = model.sample(10000, eval_gen())[0]
-        results[method] = dict(mode_metrics(x, teacher, real), seconds=round(time.time() - t1, 1))
+        seconds = round(time.time() - t1, 1)
+        results[method] = dict(mode_metrics(x, teacher, real), seconds=seconds)
         save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
 
     print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"mode std":>9} {"coverage %":>11} '
@@ -162,7 +168,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
               f'{r["mode_std"]:>9.4f} {100 * r["coverage"]:>11.2f} {r["seconds"]:>8.1f}')
     print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, generator=generator_kwargs,
-                          fake=fake_kwargs, results=results)))
+                          fake=dict(fake_kwargs, init=fake_init), results=results)))
 
 
 if __name__ == '__main__':

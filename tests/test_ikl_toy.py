@@ -1,12 +1,13 @@
-"""The toy MLP generator's options: activation and latent gain reach the network, survive pickling, and bad ones
-are refused by name."""
+"""The toy networks' options: the generator's activation and latent gain, the denoiser's exact base; they reach the
+network, survive pickling, and bad ones are refused by name."""
 
 import pickle
 
 import pytest
 import torch
 
-from ikl.toy import MLPGenerator
+from ikl.toy import MLPDenoiser, MLPGenerator
+from teachers.analytic import grid25
 
 
 @pytest.mark.parametrize('activation, fn', [('relu', torch.relu), ('tanh', torch.tanh),
@@ -26,3 +27,22 @@ def test_generator_with_gain_matches_a_hand_computed_forward(activation, fn):
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation: unknown 'elu'"):
         MLPGenerator(activation='elu')
+
+
+def test_denoiser_on_an_exact_base_starts_as_that_base_and_learns_only_its_correction():
+    teacher = grid25()
+    D = MLPDenoiser(2, hidden=16, layers=2, sigma_data=2.8, base=teacher)
+    gen = torch.Generator().manual_seed(0)
+    x, sigma = 3 * torch.randn(64, 2, generator=gen), torch.rand(64, generator=gen) + 0.01
+    assert torch.equal(D(x, sigma), teacher(x, sigma))
+    assert [n for n, _ in D.named_parameters()] == [n for n, _ in D.named_parameters() if n.startswith('net.')]
+    opt = torch.optim.SGD(D.parameters(), lr=0.1)
+    D(x, sigma).square().sum().backward()
+    opt.step()
+    s = sigma[:, None]
+    c_in, c_out = 1 / (s ** 2 + 2.8 ** 2).sqrt(), s * 2.8 / (s ** 2 + 2.8 ** 2).sqrt()
+    angles = (s.log() / 4) * D.freqs[None]
+    correction = c_out * D.net(torch.cat([c_in * x, angles.sin(), angles.cos()], dim=1))
+    assert correction.abs().max() > 0
+    assert torch.allclose(D(x, sigma), teacher(x, sigma) + correction, atol=1e-6)
+    assert torch.equal(pickle.loads(pickle.dumps(D))(x, sigma), D(x, sigma))
