@@ -5,6 +5,7 @@ can serve as a fake score, as a learned teacher, or (through `OneStepStudentAdap
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -56,7 +57,7 @@ class MLPDenoiser(torch.nn.Module):
     the data; it narrows the generator's modes until they look right through the blur (bench/toy2d.py)."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16,
-                 base: torch.nn.Module = None):
+                 base: Optional[torch.nn.Module] = None):
         super().__init__()
         self.base = base
         self.dim, self.sigma_data = dim, float(sigma_data)
