@@ -109,7 +109,8 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init', type=click.Choice(['learned', 'exact']), default='learned', show_default=True,
-              help='The refinement\'s fake score starts as the teacher plus a zeroed network, or as a network fitted to it.')
+              help='How the refinement\'s fake score starts: a network fitted to the teacher (learned), or the teacher '
+                   'plus a zero-initialised network correction (exact).')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
 @click.option('--latent-dim', type=int, default=2, show_default=True, help='Latent dimensions of the generator.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
