@@ -76,9 +76,12 @@ def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_ste
     return trainer.ema.G
 
 
-def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> MLPDenoiser:
-    """The fake score's start: `exact`, the teacher plus a zero-initialised network correction (an exact copy, as a
-    network teacher's copy is); `learned`, a network fitted to the teacher by `steps` of denoising score matching."""
+def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> torch.nn.Module:
+    """The fake score's start: `mixture`, a trainable copy of the mixture itself (the teacher's own family, as a
+    network fake score is a copy of a network teacher); `exact`, the teacher plus a zero-initialised network
+    correction; `learned`, a network fitted to the teacher by `steps` of denoising score matching."""
+    if how == 'mixture':
+        return teacher.trainable_copy()
     torch.manual_seed(seed + 1)
     if how == 'exact':
         return MLPDenoiser(2, sigma_data=sigma_data, base=copy.deepcopy(teacher), **fake_kwargs)
@@ -108,9 +111,9 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init', type=click.Choice(['learned', 'exact']), default='learned', show_default=True,
-              help='How the refinement\'s fake score starts: a network fitted to the teacher (learned), or the teacher '
-                   'plus a zero-initialised network correction (exact).')
+@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture']), default='learned', show_default=True,
+              help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
+                   'zero-initialised network correction (exact), or a trainable copy of the mixture (mixture).')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
 @click.option('--latent-dim', type=int, default=2, show_default=True, help='Latent dimensions of the generator.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')

@@ -13,6 +13,10 @@ interface (`D(x, sigma, class_labels=None) -> x0_hat`).
 Data may have any shape: `[D]` for toy data, or `[C, H, W]` for image-shaped mixtures (then `img_channels` = C and
 `img_resolution` = H). With `label_dim > 0` each component belongs to one class and a one-hot label restricts the
 mixture to that class's components.
+
+With `trainable=True` the means, log-variances and weight logits are parameters: `trainable_copy()` gives a fake
+score of the teacher's own family that starts as its exact copy and can be fitted to a generator's samples by
+denoising score matching, as a network fake score is a copy of a network teacher (bench/toy2d.py).
 """
 
 import math
@@ -28,7 +32,7 @@ class GaussianMixture(torch.nn.Module):
 
     def __init__(self, means: torch.Tensor, variances: Union[torch.Tensor, float], weights: Optional[torch.Tensor] = None,
                  data_shape: Optional[Sequence[int]] = None, component_classes: Optional[Sequence[int]] = None,
-                 label_dim: int = 0):
+                 label_dim: int = 0, trainable: bool = False):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
@@ -57,10 +61,27 @@ class GaussianMixture(torch.nn.Module):
         self.label_dim = int(label_dim)
         self.sigma_min = 0.0
         self.sigma_max = float('inf')
-        self.register_buffer('means', means.clone())
-        self.register_buffer('variances', variances.clone())
-        self.register_buffer('log_weights', (weights / weights.sum()).log())
+        self.trainable = bool(trainable)
+        for name, value in [('means', means), ('log_variances', variances.log()), ('logits', weights.log())]:
+            if trainable:
+                self.register_parameter(name, torch.nn.Parameter(value.clone()))
+            else:
+                self.register_buffer(name, value.clone())
         self.register_buffer('component_classes', classes)
+
+    @property
+    def variances(self) -> torch.Tensor:
+        return self.log_variances.exp()
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        return self.logits.log_softmax(dim=0)
+
+    def trainable_copy(self) -> 'GaussianMixture':
+        """A copy whose means, variances (per coordinate) and weights are parameters."""
+        with torch.no_grad():
+            return GaussianMixture(self.means, self.variances, self.log_weights.exp(), self.data_shape,
+                                   self.component_classes, self.label_dim, trainable=True)
 
     @property
     def num_components(self) -> int:
@@ -117,15 +138,15 @@ class GaussianMixture(torch.nn.Module):
                device=None, return_components: bool = False):
         """Exact samples of the data distribution, float32 `[n, *data_shape]` (and component indices if asked)."""
         device = self.means.device if device is None else torch.device(device)
-        probs = self._log_prior(class_labels, n).exp().cpu()
+        probs = self._log_prior(class_labels, n).detach().exp().cpu()
         comp = torch.multinomial(probs, 1, replacement=True, generator=generator).squeeze(1)
         eps = torch.randn([n, self.means.shape[1]], dtype=torch.float64, generator=generator)
-        mu, var = self.means.cpu()[comp], self.variances.cpu()[comp]
+        mu, var = self.means.detach().cpu()[comp], self.variances.detach().cpu()[comp]
         x = (mu + var.sqrt() * eps).to(torch.float32).reshape([n, *self.data_shape]).to(device)
         return (x, comp.to(device)) if return_components else x
 
     def extra_repr(self) -> str:
-        return f'components={self.num_components}, data_shape={self.data_shape}, label_dim={self.label_dim}'
+        return f'components={self.num_components}, data_shape={self.data_shape}, label_dim={self.label_dim}, trainable={self.trainable}'
 
 # ----------------------------------------------------------------------------------------------------------------
 # The standard 2-D benchmarks.
