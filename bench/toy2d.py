@@ -69,7 +69,8 @@ def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_ste
     kept = [k for k in range(teacher.num_components) if k not in DROPPED]
     partial = GaussianMixture(teacher.means[kept], teacher.variances[kept])
     torch.manual_seed(seed)
-    adapter = ikl.ModuleAdapter(MLPGenerator(out_dim=2, **generator_kwargs), [generator_kwargs['latent_dim']])
+    G = MLPGenerator(out_dim=2, **generator_kwargs)
+    adapter = ikl.ModuleAdapter(G, [G.z_dim])
     fake = initial_fake(partial, 'learned', fake_init_steps, seed, opts['sigma_data'], fake_kwargs)
     start_opts = dict(opts, **START_RECIPE, total_kimg=kimg, seed=seed + 7)
     trainer = ikl.train(adapter, partial, fake, start_opts, os.path.join(outdir, 'start'))
@@ -83,8 +84,9 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
     if how == 'mixture':
         return teacher.trainable_copy()
     torch.manual_seed(seed + 1)
-    if how == 'exact':
-        return MLPDenoiser(2, sigma_data=sigma_data, base=copy.deepcopy(teacher), **fake_kwargs)
+    if how in ('exact', 'mixture-net'):
+        base = copy.deepcopy(teacher) if how == 'exact' else teacher.trainable_copy()
+        return MLPDenoiser(2, sigma_data=sigma_data, base=base, **fake_kwargs)
     fake = MLPDenoiser(2, sigma_data=sigma_data, **fake_kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(fake.parameters(), 1e-3)
@@ -111,7 +113,7 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture']), default='learned', show_default=True,
+@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'mixture-net']), default='learned', show_default=True,
               help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
                    'zero-initialised network correction (exact), or a trainable copy of the mixture (mixture).')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
@@ -120,13 +122,16 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
 @click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='silu', show_default=True, help='Its activation.')
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
+@click.option('--output-noise', type=bool, default=False, show_default=True,
+              help='Add latent noise to its output with a learned strength (ikl.toy.MLPGenerator).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
               help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, fake_width, fake_depth, seed, methods):
+         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise, fake_width, fake_depth,
+         seed, methods):
     unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
     if unknown:
         raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
@@ -141,7 +146,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 tick_kimg=max(kimg / 10, 1), snapshot_ticks=None, image_ticks=None, grid_size=0, progress=False,
                 tensorboard=False)
     t0 = time.time()
-    generator_kwargs = dict(latent_dim=latent_dim, hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain)
+    generator_kwargs = dict(latent_dim=latent_dim, hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain,
+                            output_noise=output_noise)
     fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
     fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs)
@@ -154,7 +160,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         if method == 'exact':
             x = teacher.sample(10000, eval_gen())
         else:
-            adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [G0.latent_dim])
+            adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [G0.z_dim])
             if method == 'none':
                 model = adapter
             else:

@@ -30,20 +30,30 @@ def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int, activation: str = 
 
 @persistence.persistent_class
 class MLPGenerator(torch.nn.Module):
-    """z [N, latent_dim] -> x [N, out_dim]. A continuous map from a Gaussian latent to well-separated modes needs
+    """z [N, z_dim] -> x [N, out_dim]. A continuous map from a Gaussian latent to well-separated modes needs
     steep transitions between them, and every sample on a transition lands between modes. `input_gain` scales z
     so that steep transitions need smaller weights; ReLU layers make sharper ones than SiLU layers, and saturating
-    tanh layers make flat plateaus joined by steep steps, the sharpest (bench/toy2d.py)."""
+    tanh layers make flat plateaus joined by steep steps, the sharpest (bench/toy2d.py).
+
+    With `output_noise`, z also holds `out_dim` noise values added to the output with a learned per-coordinate
+    strength (initially `noise_init`), like StyleGAN2's noise inputs: x = MLP(z[:, :latent_dim]) + a * z[:, latent_dim:].
+    The MLP can then map each latent cell to a point, which saturating layers do well, and the noise gives the
+    spread around it, so the modes can be sharp and still as wide as the data's."""
 
     def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3, input_gain: float = 1.0,
-                 activation: str = 'silu'):
+                 activation: str = 'silu', output_noise: bool = False, noise_init: float = 0.01):
         super().__init__()
         self.latent_dim, self.out_dim, self.input_gain = latent_dim, out_dim, float(input_gain)
+        self.z_dim = latent_dim + (out_dim if output_noise else 0)
         self.img_channels, self.img_resolution = out_dim, 1
         self.net = _mlp(latent_dim, hidden, layers, out_dim, activation)
+        self.noise_strength = torch.nn.Parameter(torch.full([out_dim], float(noise_init))) if output_noise else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z * self.input_gain)
+        x = self.net(z[:, :self.latent_dim] * self.input_gain)
+        if self.noise_strength is not None:
+            x = x + self.noise_strength * z[:, self.latent_dim:]
+        return x
 
 
 @persistence.persistent_class

@@ -24,6 +24,19 @@ def test_generator_with_gain_matches_a_hand_computed_forward(activation, fn):
     assert clone.input_gain == 5.0 and torch.equal(clone(z), G(z))
 
 
+def test_generator_output_noise_adds_the_last_latents_with_a_learned_strength():
+    torch.manual_seed(0)
+    G = MLPGenerator(3, 2, hidden=8, layers=2, input_gain=2.0, output_noise=True, noise_init=0.05)
+    assert G.z_dim == 5 and torch.equal(G.noise_strength.detach(), torch.full([2], 0.05))
+    z = torch.randn(16, 5)
+    torch.testing.assert_close(G(z), G.net(2.0 * z[:, :3]) + 0.05 * z[:, 3:], atol=0, rtol=0)
+    G(z)[:, 1].sum().backward()  # d/da_1 of sum_n x_n1 is sum_n z_n4; nothing reaches a_0
+    torch.testing.assert_close(G.noise_strength.grad, torch.stack([torch.tensor(0.0), z[:, 4].sum()]))
+    clone = pickle.loads(pickle.dumps(G))
+    assert torch.equal(clone(z), G(z))
+    assert MLPGenerator(3, 2).z_dim == 3 and MLPGenerator(3, 2).noise_strength is None
+
+
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation: unknown 'elu'"):
         MLPGenerator(activation='elu')
