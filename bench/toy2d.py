@@ -84,9 +84,8 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
     if how == 'mixture':
         return teacher.trainable_copy()
     torch.manual_seed(seed + 1)
-    if how in ('exact', 'mixture-net'):
-        base = copy.deepcopy(teacher) if how == 'exact' else teacher.trainable_copy()
-        return MLPDenoiser(2, sigma_data=sigma_data, base=base, **fake_kwargs)
+    if how == 'exact':
+        return MLPDenoiser(2, sigma_data=sigma_data, base=copy.deepcopy(teacher), **fake_kwargs)
     fake = MLPDenoiser(2, sigma_data=sigma_data, **fake_kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(fake.parameters(), 1e-3)
@@ -113,7 +112,7 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'mixture-net']), default='learned', show_default=True,
+@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture']), default='learned', show_default=True,
               help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
                    'zero-initialised network correction (exact), or a trainable copy of the mixture (mixture).')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
