@@ -170,6 +170,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 x = model.sample(10000, eval_gen())[0]
         seconds = round(time.time() - t1, 1)
         results[method] = dict(mode_metrics(x, teacher, real), seconds=seconds)
+        if method != 'exact' and model.G.noise_strength is not None:
+            results[method]['noise_strength'] = [round(a, 4) for a in model.G.noise_strength.tolist()]
         save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
 
     print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"mode std":>9} {"coverage %":>11} '
