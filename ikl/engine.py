@@ -498,9 +498,9 @@ class Trainer:
                         tb_writer.add_scalar(name, value.mean, global_step=int(self.cur_nimg / 1e3))
                     tb_writer.flush()
                 if bar is None:
+                    fake_loss = f"fake_loss {collector['Loss/fake_score']:<8.4g} " if self.fake_score is not None else ''
                     dist.print0(f'tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
-                                f"sec/kimg {collector['Timing/sec_per_kimg']:<8.2f} "
-                                f"fake_loss {collector['Loss/fake_score']:<8.4g} skipped {self.g_scaler.skipped}")
+                                f"sec/kimg {collector['Timing/sec_per_kimg']:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
                 self.cur_tick += 1
                 self.tick_start_nimg = self.cur_nimg
                 if done or (o.snapshot_ticks and self.cur_tick % o.snapshot_ticks == 0):

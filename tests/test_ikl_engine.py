@@ -207,11 +207,12 @@ def test_snapshot_stats_and_preview(tmp_path):
     assert (tmp_path / 'fakes_init.png').exists() and (tmp_path / 'fakes000000.128.png').exists()
 
 
-def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path):
+def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path, capsys):
     adapter, teacher, _ = _networks()
-    trainer = ikl.Trainer(adapter, teacher, None, dict(OPTS, divergence='sds'), str(tmp_path))
-    trainer.step()
-    assert trainer.fake_score is None
+    trainer = ikl.train(adapter, teacher, None, dict(OPTS, divergence='sds', total_kimg=0.064), str(tmp_path / 'sds'))
+    assert trainer.fake_score is None and trainer.cur_nimg == 64
+    ticks = [line for line in capsys.readouterr().out.splitlines() if line.startswith('tick ')]
+    assert ticks and not any('fake_loss' in line for line in ticks)  # no fake score, so no "fake_loss nan"
     with pytest.raises(ValueError, match='unknown option'):
         ikl.TrainingOptions.from_dict(dict(batchsize=3))
     with pytest.raises(ValueError, match='batch=30'):
