@@ -146,7 +146,8 @@ class GaussianMixture(torch.nn.Module):
         return (x, comp.to(device)) if return_components else x
 
     def extra_repr(self) -> str:
-        return f'components={self.num_components}, data_shape={self.data_shape}, label_dim={self.label_dim}, trainable={self.trainable}'
+        return (f'components={self.num_components}, data_shape={self.data_shape}, label_dim={self.label_dim}, '
+                f'trainable={self.trainable}')
 
 # ----------------------------------------------------------------------------------------------------------------
 # The standard 2-D benchmarks.
