@@ -37,6 +37,21 @@ def test_generator_output_noise_adds_the_last_latents_with_a_learned_strength():
     assert MLPGenerator(3, 2).z_dim == 3 and MLPGenerator(3, 2).noise_strength is None
 
 
+def test_output_noise_strength_gradient_is_strength_times_mean_update_derivative():
+    """Stein's lemma, as the docstring and README use it: for samples x = f(z) + a * n receiving an update field g(x)
+    through the surrogate sum(g(x).detach() * x), the gradient on a_i is E[g_i(x) n_i] = a_i E[dg_i/dx_i]."""
+    torch.manual_seed(0)
+    G = MLPGenerator(2, 2, hidden=8, layers=2, output_noise=True)
+    with torch.no_grad():
+        G.noise_strength.copy_(torch.tensor([0.5, 0.2]))
+    A = torch.tensor([[2.0, 0.7], [-0.4, -1.5]])  # g(x) = A x + tanh(2 x): dg_i/dx_i = A_ii + 2 (1 - tanh(2 x_i)^2)
+    x = G(torch.randn(400000, 4, generator=torch.Generator().manual_seed(1)))
+    g = x.detach() @ A.T + torch.tanh(2 * x.detach())
+    (g * x).sum(1).mean().backward()
+    mean_derivative = A.diagonal() + 2 * (1 - torch.tanh(2 * x.detach()).square()).mean(0)
+    torch.testing.assert_close(G.noise_strength.grad, torch.tensor([0.5, 0.2]) * mean_derivative, atol=0.02, rtol=0)
+
+
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation: unknown 'elu'"):
         MLPGenerator(activation='elu')

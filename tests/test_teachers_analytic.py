@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import ikl
 from teachers.analytic import GaussianMixture, grid25, ring8
 
 
@@ -128,7 +129,6 @@ def test_trainable_copy_starts_exact_and_pickles():
 
 def test_trainable_copy_fitted_by_dsm_recovers_the_data_mixture():
     """Denoising score matching on samples of another mixture moves the copy's parameters to that mixture's."""
-    import ikl
     start = GaussianMixture(torch.tensor([[-1.0], [1.0]]), torch.tensor([0.1, 0.1]))
     data = GaussianMixture(torch.tensor([[-1.3], [0.8]]), torch.tensor([0.05, 0.2]), torch.tensor([0.3, 0.7]))
     fake = start.trainable_copy()
