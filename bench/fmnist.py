@@ -4,7 +4,8 @@ Given a StyleGAN2 generator and an EDM teacher (by default the ones shipped in `
 Fréchet distance in the offline Fashion-MNIST detector's features (`fd_fmnist`, not Inception FID) against a
 dataset (by default the shipped statistics of the training set), for: the GAN before refinement, the GAN after
 `refine.py`, the teacher with 18- and 35-step Heun sampling, and a one-step student from `distill.py`; with the
-wall time of each. Refinement and distillation run through the real command-line tools into --outdir. Prints a table, then one JSON object as its last line.
+wall time of each. Refinement and distillation run through the real command-line tools into --outdir. Prints a
+table, then one JSON object as its last line.
 
 Targets (issue 9): refined <= 0.7x the original GAN's distance; the one-step student within 1.5x of the teacher's
 35-step distance.

@@ -61,7 +61,6 @@ class GaussianMixture(torch.nn.Module):
         self.label_dim = int(label_dim)
         self.sigma_min = 0.0
         self.sigma_max = float('inf')
-        self.trainable = bool(trainable)
         for name, value in [('means', means), ('log_variances', variances.log()), ('logits', weights.log())]:
             if trainable:
                 self.register_parameter(name, torch.nn.Parameter(value.clone()))
@@ -147,7 +146,7 @@ class GaussianMixture(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f'components={self.num_components}, data_shape={self.data_shape}, label_dim={self.label_dim}, '
-                f'trainable={self.trainable}')
+                f'trainable={isinstance(self.means, torch.nn.Parameter)}')
 
 # ----------------------------------------------------------------------------------------------------------------
 # The standard 2-D benchmarks.
