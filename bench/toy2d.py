@@ -29,10 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
-from ikl.toy import ACTIVATIONS, MLPDenoiser, MLPGenerator  # noqa: E402
+from ikl.toy import ACTIVATIONS, EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
+EMPIRICAL_SAMPLES = 8192  # an empirical fake score holds the samples of the last 32 iterations of 256
 # How the start is made, whatever the refinement options, so that runs with different options start alike.
 START_RECIPE = dict(g_lr=1e-3, fake_lr=3e-3, fake_steps=1, P_mean=-1.2, P_std=1.2, fake_P_mean=-1.2, fake_P_std=1.2,
                     weighting='denoiser', normalize=False, lr_rampdown_kimg=0)
@@ -77,12 +78,18 @@ def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_ste
     return trainer.ema.G
 
 
-def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fake_kwargs: dict) -> torch.nn.Module:
+def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fake_kwargs: dict,
+                 generator=None) -> torch.nn.Module:
     """The fake score's start: `mixture`, a trainable copy of the mixture itself (the teacher's own family, as a
     network fake score is a copy of a network teacher); `exact`, the teacher plus a zero-initialised network
-    correction; `learned`, a network fitted to the teacher by `steps` of denoising score matching."""
+    correction; `learned`, a network fitted to the teacher by `steps` of denoising score matching; `empirical`, the
+    exact denoiser of the last EMPIRICAL_SAMPLES samples of `generator` (no fitting error; starts on fresh ones)."""
     if how == 'mixture':
         return teacher.trainable_copy()
+    if how == 'empirical':
+        with torch.no_grad():
+            z = torch.randn(EMPIRICAL_SAMPLES, generator.z_dim, generator=torch.Generator().manual_seed(seed + 1))
+            return EmpiricalDenoiser(generator(z))
     torch.manual_seed(seed + 1)
     if how == 'exact':
         return MLPDenoiser(2, sigma_data=sigma_data, base=copy.deepcopy(teacher), **fake_kwargs)
@@ -112,9 +119,11 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture']), default='learned', show_default=True,
+@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'empirical']), default='learned',
+              show_default=True,
               help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
-                   'zero-initialised network correction (exact), or a trainable copy of the mixture (mixture).')
+                   'zero-initialised network correction (exact), a trainable copy of the mixture (mixture), or the '
+                   'exact denoiser of recent generator samples (empirical).')
 @click.option('--fake-init-steps', type=int, default=2000, show_default=True, help='DSM steps of a fitted fake score.')
 @click.option('--latent-dim', type=int, default=2, show_default=True, help='Latent dimensions of the generator.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
@@ -149,7 +158,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                             output_noise=output_noise)
     fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
-    fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs)
+    fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs, G0)
     setup_sec = time.time() - t0
     results = dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)

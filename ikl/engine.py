@@ -13,6 +13,8 @@ Per iteration (schedule `reuse`, the default):
    iteration this costs one generator forward+backward, one teacher forward and one fake forward+backward: the
    passes no schedule can avoid. The only statistical difference from separate draws is that the generator's
    and the fake's losses share their (sigma, noise) draws. Further fake steps draw fresh no-grad samples.
+   A fake score with an `observe` method (`ikl.toy.EmpiricalDenoiser`, the exact denoiser of recent samples) is
+   not fitted: it is handed the same samples, gathered from all processes, and needs no optimizer.
    Order and effect: the fake score fits samples of the generator *before* this iteration's update, and the next
    generator step uses it, so it lags the generator by one step (the official schedule fits the fake score to the
    current generator, then updates the generator, at the cost of a second generator forward). At the small
@@ -235,7 +237,11 @@ class Trainer:
             raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
         self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=betas, eps=eps)
         self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
-        if self.fake_score is not None:
+        # A fake score with an `observe(samples, labels)` method (ikl.toy.EmpiricalDenoiser) is not fitted by DSM:
+        # each fake-score step hands it the generator's detached samples, gathered from every process.
+        self.fake_observes = self.fake_score is not None and callable(getattr(self.fake_score, 'observe', None))
+        self.fake_fits = self.fake_score is not None and not self.fake_observes
+        if self.fake_fits:
             self.fake_params = [p for p in self.fake_score.parameters() if p.requires_grad]
             self.fake_opt = torch.optim.Adam(self.fake_params, lr=self.opts.fake_lr, betas=betas, eps=eps)
             self.fake_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
@@ -298,7 +304,7 @@ class Trainer:
     def _shares_fake_forward(self) -> bool:
         """DSM can reuse the generator step's fake forward when it is IKL under the same sigma law as the fake's."""
         o = self.opts
-        return (self.fake_score is not None and o.fake_forward == 'shared' and o.schedule == 'reuse'
+        return (self.fake_fits and o.fake_forward == 'shared' and o.schedule == 'reuse'
                 and o.divergence == 'ikl' and o.sigma == 'lognormal'
                 and (o.P_mean, o.P_std) == (o.fake_P_mean, o.fake_P_std))
 
@@ -342,9 +348,23 @@ class Trainer:
         self.adapter.train()
         return x.float(), labels
 
+    def _gathered(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """x from every process, concatenated in rank order (x itself with one process)."""
+        if x is None or self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
     def _fake_steps(self, reused=None, first: int = 0):
         o = self.opts
         self.fake_score.train()
+        if self.fake_observes:
+            for k in range(o.fake_steps):
+                for r in range(self.rounds):
+                    x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
+                    self.fake_score.observe(self._gathered(x), self._gathered(labels))
+            return
         for k in range(first, o.fake_steps):
             for r in range(self.rounds):
                 x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
@@ -390,8 +410,9 @@ class Trainer:
                      g_opt=self.g_opt.state_dict(), g_scaler=self.g_scaler.state_dict(),
                      torch_rng=torch.get_rng_state())
         if self.fake_score is not None:
-            state.update(fake_score=self.fake_score.state_dict(), fake_opt=self.fake_opt.state_dict(),
-                         fake_scaler=self.fake_scaler.state_dict())
+            state['fake_score'] = self.fake_score.state_dict()
+        if self.fake_fits:
+            state.update(fake_opt=self.fake_opt.state_dict(), fake_scaler=self.fake_scaler.state_dict())
         if self.device.type == 'cuda':
             state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         return state
@@ -407,6 +428,7 @@ class Trainer:
         self.g_scaler.load_state_dict(state['g_scaler'])
         if self.fake_score is not None:
             self.fake_score.load_state_dict(state['fake_score'])
+        if self.fake_fits:
             self.fake_opt.load_state_dict(state['fake_opt'])
             self.fake_scaler.load_state_dict(state['fake_scaler'])
         torch.set_rng_state(state['torch_rng'])
@@ -498,7 +520,7 @@ class Trainer:
                         tb_writer.add_scalar(name, value.mean, global_step=int(self.cur_nimg / 1e3))
                     tb_writer.flush()
                 if bar is None:
-                    fake_loss = f"fake_loss {collector['Loss/fake_score']:<8.4g} " if self.fake_score is not None else ''
+                    fake_loss = f"fake_loss {collector['Loss/fake_score']:<8.4g} " if self.fake_fits else ''
                     dist.print0(f'tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
                                 f"sec/kimg {collector['Timing/sec_per_kimg']:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
                 self.cur_tick += 1

@@ -97,4 +97,45 @@ class MLPDenoiser(torch.nn.Module):
         start = c_skip * x if self.base is None else self.base(x, sigma[:, 0], class_labels).to(torch.float32)
         return start + c_out * self.net(features).to(torch.float32)
 
+
+@persistence.persistent_class
+class EmpiricalDenoiser(torch.nn.Module):
+    """The exact denoiser of the empirical distribution of the last `capacity` generator samples: a fake score
+    with no fitting error, for low-dimensional data, to tell the IKL gradient's own behaviour from a fitted fake
+    score's (bench/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i
+    over the stored samples b_i; cost O(batch * capacity) per call. Its errors are the finite sample (below the
+    samples' spacing it snaps to the nearest one) and a lag of `capacity / batch` iterations.
+
+    The engine does not fit it: each fake-score step calls `observe(samples)`, which overwrites the oldest stored
+    samples. The samples and the write position are buffers, so they pickle and resume exactly."""
+
+    def __init__(self, initial: torch.Tensor):
+        super().__init__()
+        if initial.ndim != 2 or initial.shape[0] == 0:
+            raise ValueError(f'EmpiricalDenoiser: initial samples must be [capacity, dim], got {list(initial.shape)}')
+        self.dim = initial.shape[1]
+        self.img_channels, self.img_resolution, self.label_dim = self.dim, 1, 0
+        self.data_shape = [self.dim]
+        self.sigma_min, self.sigma_max = 0.0, float('inf')
+        self.register_buffer('samples', initial.detach().to(torch.float32).clone())
+        self.register_buffer('write_pos', torch.zeros([], dtype=torch.int64))
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, class_labels=None) -> None:
+        x = x.detach().to(self.samples.dtype).reshape(-1, self.dim)[-self.samples.shape[0]:]
+        rows = (self.write_pos + torch.arange(x.shape[0], device=x.device)) % self.samples.shape[0]
+        self.samples[rows] = x
+        self.write_pos.copy_((self.write_pos + x.shape[0]) % self.samples.shape[0])
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused_kwargs) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        # Differences, not |x|^2 + |b|^2 - 2 x.b, whose cancellation would blur distances below about 0.01.
+        distances = torch.cdist(x, self.samples, compute_mode='donot_use_mm_for_euclid_dist')
+        logits = distances.square() / (-2 * sigma ** 2)
+        return torch.softmax(logits, dim=1) @ self.samples
+
 # ----------------------------------------------------------------------------------------------------------------

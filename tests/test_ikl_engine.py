@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ikl  # noqa: E402
-from ikl.toy import MLPDenoiser, MLPGenerator  # noqa: E402
+from ikl.toy import EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import ring8  # noqa: E402
 
 
@@ -26,9 +26,12 @@ OPTS = dict(total_kimg=0.32, batch=32, batch_gpu=16, g_lr=1e-3, fake_lr=1e-3, lr
             tensorboard=False, seed=3)
 
 
-def _networks():
+FAKES = dict(fitted=lambda: MLPDenoiser(2, 32, 2, sigma_data=1.0), empirical=lambda: EmpiricalDenoiser(torch.randn(48, 2)))
+
+
+def _networks(fake='fitted'):
     torch.manual_seed(0)
-    return ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2]), ring8(), MLPDenoiser(2, 32, 2, sigma_data=1.0)
+    return ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2]), ring8(), FAKES[fake]()
 
 
 def _weights(trainer):
@@ -43,8 +46,9 @@ def _state_weights(path):
             **{f'fake.{k}': v for k, v in state['fake_score'].items()}}
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
-    adapter, teacher, fake = _networks()
+@pytest.mark.parametrize('fake_kind', sorted(FAKES))
+def test_resume_after_interruption_is_exact(tmp_path, fake_kind):
+    adapter, teacher, fake = _networks(fake_kind)
     reference = ikl.train(copy.deepcopy(adapter), teacher, copy.deepcopy(fake), OPTS, str(tmp_path / 'a'))
     assert reference.cur_nimg == 320
 
@@ -63,12 +67,30 @@ def test_resume_after_interruption_is_exact(tmp_path):
     # A fresh process would rebuild the networks from scratch (different initial weights) and resume.
     torch.manual_seed(123)
     fresh = ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2])
-    resumed = ikl.train(fresh, teacher, MLPDenoiser(2, 32, 2, sigma_data=1.0), OPTS, str(tmp_path / 'b'), resume='auto')
+    resumed = ikl.train(fresh, teacher, FAKES[fake_kind](), OPTS, str(tmp_path / 'b'), resume='auto')
     assert resumed.cur_nimg == 320 and resumed.iteration == reference.iteration
     want, got = _weights(reference), _weights(resumed)
     for name in want:
         assert torch.equal(want[name], got[name]), name
     assert not torch.equal(want['G.G.net.0.weight'], adapter.state_dict()['G.net.0.weight'])  # it did train
+
+
+def test_empirical_fake_score_is_handed_the_generator_step_samples(tmp_path, capsys):
+    adapter, teacher, fake = _networks('empirical')
+    opts = dict(OPTS, total_kimg=0.128, batch=32, batch_gpu=16)
+    trainer = ikl.Trainer(adapter, teacher, fake, opts, str(tmp_path))
+    assert not hasattr(trainer, 'fake_opt')  # nothing to fit
+    for step in range(3):
+        with torch.no_grad():  # what the generator step will sample: its two accumulation rounds, before its update
+            want = torch.cat([adapter.sample(16, torch.Generator().manual_seed(trainer._seed(0, r)))[0] for r in range(2)])
+        trainer.step()
+        assert int(fake.write_pos) == 32 * (step + 1) % 48
+    # 96 samples went into 48 places: the stored ones are the last 48, the last step's 32 among them.
+    stored = fake.samples[torch.arange(16, 48)]
+    assert torch.equal(stored, want)
+    trainer.run()
+    assert 'fake_loss' not in capsys.readouterr().out
+    assert 'fake_opt' not in torch.load(ikl.latest_training_state(str(tmp_path)), weights_only=False)
 
 
 def _ddp_worker(outdir):
