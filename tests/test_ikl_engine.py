@@ -1,6 +1,6 @@
 """The training engine: exact resume, DDP equivalence (torchrun, gloo), the NaN guard, schedules, snapshots.
 
-Run as a script (`torchrun ... tests/test_ikl_engine.py OUTDIR`) this file is the DDP worker.
+Run as a script (`torchrun ... tests/test_ikl_engine.py OUTDIR FAKE_KIND`) this file is the DDP worker.
 """
 
 import copy
@@ -93,19 +93,21 @@ def test_empirical_fake_score_is_handed_the_generator_step_samples(tmp_path, cap
     assert 'fake_opt' not in torch.load(ikl.latest_training_state(str(tmp_path)), weights_only=False)
 
 
-def _ddp_worker(outdir):
+def _ddp_worker(outdir, fake_kind):
     from torch_utils import distributed as dist
     dist.init()
-    adapter, teacher, fake = _networks()
+    adapter, teacher, fake = _networks(fake_kind)
     ikl.train(adapter, teacher, fake, dict(OPTS, batch_gpu=16, snapshot_ticks=None), outdir)
 
 
-def test_two_processes_match_one(tmp_path):
-    adapter, teacher, fake = _networks()
+@pytest.mark.parametrize('fake_kind', sorted(FAKES))
+def test_two_processes_match_one(tmp_path, fake_kind):
+    """With the empirical fake score both processes must also store every process's samples, in the same order."""
+    adapter, teacher, fake = _networks(fake_kind)
     single = ikl.train(adapter, teacher, fake, dict(OPTS, snapshot_ticks=None), str(tmp_path / 'one'))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nnodes=1', '--nproc_per_node=2',
-           os.path.abspath(__file__), str(tmp_path / 'two')]
+           os.path.abspath(__file__), str(tmp_path / 'two'), fake_kind]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(ikl.latest_training_state(str(tmp_path / 'two')), weights_only=False)
@@ -244,7 +246,7 @@ def test_sds_needs_no_fake_and_bad_options_are_reported(tmp_path, capsys):
 
 
 if __name__ == '__main__':
-    _ddp_worker(sys.argv[1])
+    _ddp_worker(sys.argv[1], sys.argv[2])
 
 
 @pytest.mark.parametrize('precision', ['fp16', 'bf16'])
