@@ -357,21 +357,20 @@ class Trainer:
         return torch.cat(parts)
 
     def _fake_steps(self, reused=None, first: int = 0):
+        """Fake-score steps `first`.. on the reused samples (step 0) or fresh ones: DSM, or `observe` (see __init__)."""
         o = self.opts
         self.fake_score.train()
-        if self.fake_observes:
-            for k in range(o.fake_steps):
-                for r in range(self.rounds):
-                    x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
-                    self.fake_score.observe(self._gathered(x), self._gathered(labels))
-            return
         for k in range(first, o.fake_steps):
             for r in range(self.rounds):
                 x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
+                if self.fake_observes:
+                    self.fake_score.observe(self._gathered(x), self._gathered(labels))
+                    continue
                 loss = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma, self._rng(2 + 2 * k, r), o.sigma_data, self.amp)
                 training_stats.report('Loss/fake_score', loss)
                 (loss.sum() * (o.fake_loss_scale * self.fake_scaler.scale / o.batch)).backward()
-            self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
+            if self.fake_fits:
+                self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
 
     @torch.no_grad()
     def _update_ema(self) -> None:

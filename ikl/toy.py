@@ -66,7 +66,7 @@ class MLPDenoiser(torch.nn.Module):
     With `base` (a denoiser, e.g. an analytic teacher), D(x) = base(x) + c_out F(...) with F's last layer zeroed:
     a fake score that starts as an exact copy of a teacher no network can copy exactly. A fake score fitted to
     such a teacher is blurrier than it at small sigma, so the IKL gradient is not zero where the generator matches
-    the data; it narrows the generator's modes until they look right through the blur (bench/toy2d.py)."""
+    the data (bench/toy2d.py; the README's toy2d notes say what else narrows the generator's modes)."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16,
                  base: Optional[torch.nn.Module] = None):
@@ -107,7 +107,8 @@ class EmpiricalDenoiser(torch.nn.Module):
     samples' spacing it snaps to the nearest one) and a lag of `capacity / batch` iterations.
 
     The engine does not fit it: each fake-score step calls `observe(samples)`, which overwrites the oldest stored
-    samples. The samples and the write position are buffers, so they pickle and resume exactly."""
+    samples. The samples and the write position are buffers, so they pickle and resume exactly. Class labels are
+    ignored: it models the unconditional law."""
 
     def __init__(self, initial: torch.Tensor):
         super().__init__()
