@@ -29,7 +29,8 @@ How `refine.py` and `distill.py` use it::
 - `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
 
 Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),
-`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `engine`, `images`, `toy` (MLP nets).
+`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `engine`, `images`, `toy` (MLP nets, the
+empirical denoiser).
 """
 
 from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
