@@ -100,11 +100,12 @@ class MLPDenoiser(torch.nn.Module):
 
 @persistence.persistent_class
 class EmpiricalDenoiser(torch.nn.Module):
-    """The exact denoiser of the empirical distribution of the last `capacity` generator samples: a fake score
+    """The exact denoiser of the empirical distribution of the last N generator samples: a fake score
     with no fitting error, for low-dimensional data, to tell the IKL gradient's own behaviour from a fitted fake
     score's (bench/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i
-    over the stored samples b_i; cost O(batch * capacity) per call. Its errors are the finite sample (below the
-    samples' spacing it snaps to the nearest one) and a lag of `capacity / batch` iterations.
+    over the stored samples b_i; cost O(batch * N) per call. Its errors are the finite sample (below the
+    samples' spacing it snaps to the nearest one) and a lag of N / batch iterations. N is the number of `initial`
+    samples it starts from (fresh samples of the generator).
 
     The engine does not fit it: each fake-score step calls `observe(samples)`, which overwrites the oldest stored
     samples. The samples and the write position are buffers, so they pickle and resume exactly. Class labels are

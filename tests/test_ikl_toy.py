@@ -96,8 +96,8 @@ def test_empirical_denoiser_keeps_the_latest_samples_and_pickles():
     assert sorted(fake.samples[:, 0].tolist()) == [1.0, 2.0, 2.0, 2.0, 2.0] and int(fake.write_pos) == 2
     fake.observe(torch.arange(14.0).reshape(7, 2))  # more than it holds: the last five
     assert sorted(fake.samples[:, 0].tolist()) == [4.0, 6.0, 8.0, 10.0, 12.0]
-    copy = pickle.loads(pickle.dumps(fake))
-    assert torch.equal(copy.samples, fake.samples) and int(copy.write_pos) == int(fake.write_pos)
+    clone = pickle.loads(pickle.dumps(fake))
+    assert torch.equal(clone.samples, fake.samples) and int(clone.write_pos) == int(fake.write_pos)
     with pytest.raises(ValueError, match=r'\[capacity, dim\]'):
         EmpiricalDenoiser(torch.zeros(0, 2))
 
@@ -115,8 +115,9 @@ def _grid_with_bridges(n: int, std: float, bridge_share: float, seed: int) -> to
 
 
 def _core_radial_update(std: float, bridge_share: float, seed: int = 0) -> float:
-    """Mean outward component of the IKL update (official noise law, exact scores: the mixture and the empirical
-    denoiser of a second draw of the same law) on samples within 3 teacher std of a centre."""
+    """Mean of the IKL update times the offset from the nearest centre (positive: outwards) over the samples within
+    3 teacher std of a centre; official noise law, exact scores (the mixture, and the empirical denoiser of a
+    second draw of the same law)."""
     x0 = _grid_with_bridges(8192, std, bridge_share, seed).requires_grad_(True)
     fake = EmpiricalDenoiser(_grid_with_bridges(8192, std, bridge_share, seed + 1))
     teacher = grid25()
