@@ -58,8 +58,27 @@ class MLPGenerator(torch.nn.Module):
         return x
 
 
+class _VectorDenoiser(torch.nn.Module):
+    """What the Teacher interface asks of a denoiser of [N, dim] data, shared by the toy denoisers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.img_channels, self.img_resolution, self.label_dim = dim, 1, 0
+        self.data_shape = [dim]
+        self.sigma_min, self.sigma_max = 0.0, float('inf')
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    @staticmethod
+    def _sigma_column(sigma, x: torch.Tensor) -> torch.Tensor:
+        """sigma (a number or one per row) as an [N, 1] float32 column on x's device."""
+        return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+
+
 @persistence.persistent_class
-class MLPDenoiser(torch.nn.Module):
+class MLPDenoiser(_VectorDenoiser):
     """EDM-preconditioned denoiser for [N, D] data: D(x) = c_skip x + c_out F(c_in x, c_noise), c_noise = ln(sigma)/4,
     with c_noise fed through sinusoidal features.
 
@@ -70,24 +89,18 @@ class MLPDenoiser(torch.nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16,
                  base: Optional[torch.nn.Module] = None):
-        super().__init__()
+        super().__init__(dim)
         self.base = base
-        self.dim, self.sigma_data = dim, float(sigma_data)
-        self.img_channels, self.img_resolution, self.label_dim = dim, 1, 0
-        self.data_shape = [dim]
-        self.sigma_min, self.sigma_max = 0.0, float('inf')
+        self.sigma_data = float(sigma_data)
         self.register_buffer('freqs', torch.exp(torch.linspace(0, math.log(100.0), num_freqs)))
         self.net = _mlp(dim + 2 * num_freqs, hidden, layers, dim)
         if base is not None:
             torch.nn.init.zeros_(self.net[-1].weight)
             torch.nn.init.zeros_(self.net[-1].bias)
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused_kwargs) -> torch.Tensor:
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        sigma = self._sigma_column(sigma, x)
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
@@ -99,7 +112,7 @@ class MLPDenoiser(torch.nn.Module):
 
 
 @persistence.persistent_class
-class EmpiricalDenoiser(torch.nn.Module):
+class EmpiricalDenoiser(_VectorDenoiser):
     """The exact denoiser of the empirical distribution of the last N generator samples: a fake score
     with no fitting error, for low-dimensional data, to tell the IKL gradient's own behaviour from a fitted fake
     score's (bench/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i
@@ -112,18 +125,11 @@ class EmpiricalDenoiser(torch.nn.Module):
     ignored: it models the unconditional law."""
 
     def __init__(self, initial: torch.Tensor):
-        super().__init__()
         if initial.ndim != 2 or initial.shape[0] == 0:
             raise ValueError(f'EmpiricalDenoiser: initial samples must be [capacity, dim], got {list(initial.shape)}')
-        self.dim = initial.shape[1]
-        self.img_channels, self.img_resolution, self.label_dim = self.dim, 1, 0
-        self.data_shape = [self.dim]
-        self.sigma_min, self.sigma_max = 0.0, float('inf')
+        super().__init__(initial.shape[1])
         self.register_buffer('samples', initial.detach().to(torch.float32).clone())
         self.register_buffer('write_pos', torch.zeros([], dtype=torch.int64))
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, class_labels=None) -> None:
@@ -134,7 +140,7 @@ class EmpiricalDenoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused_kwargs) -> torch.Tensor:
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        sigma = self._sigma_column(sigma, x)
         # Differences, not |x|^2 + |b|^2 - 2 x.b, whose cancellation would blur distances below about 0.01.
         distances = torch.cdist(x, self.samples, compute_mode='donot_use_mm_for_euclid_dist')
         logits = distances.square() / (-2 * sigma ** 2)
