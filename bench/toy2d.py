@@ -12,13 +12,17 @@ Metrics on 10k samples of each generator (EMA weights for the refined ones):
 - mode std: per-coordinate spread of the high-quality samples around their centre (the teacher's is 0.05);
 - coverage: the share of 10k fresh mixture samples whose 5-nearest-neighbour ball holds a generated sample (about
   97 % for exact samples); modes narrower than the teacher's, which the high-quality share rewards, lower it.
-Scatter plots (PNG) go to --outdir. Prints a table, then one JSON object as its last line.
+With --snapshots N the refinements keep N evenly spaced snapshots and the same metrics are reported for each (the
+JSON's `trajectory`, and one table per method), to see when modes narrow or noise strengths die.
+Scatter plots (PNG) go to --outdir. Prints tables, then one JSON object as its last line.
 """
 
 import copy
+import glob
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -62,6 +66,37 @@ def mode_metrics(x: torch.Tensor, teacher, real: torch.Tensor) -> dict:
     spread = float((d.values[hq] ** 2).mean().div(x.shape[1]).sqrt()) if bool(hq.any()) else float('nan')
     return dict(modes=int((counts >= 0.1 * fair).sum()), high_quality=float(hq.double().mean()), reverse_kl=rkl,
                 mode_std=spread, coverage=coverage(real, x))
+
+
+def generator_metrics(model: ikl.GeneratorAdapter, teacher, real: torch.Tensor, eval_gen: torch.Generator) -> tuple:
+    """`mode_metrics` of 10k samples of `model`, plus its output-noise strengths if it has them; and the samples."""
+    with torch.no_grad():
+        x = model.sample(10000, eval_gen)[0]
+    metrics = mode_metrics(x, teacher, real)
+    if model.G.noise_strength is not None:
+        metrics['noise_strength'] = [round(a, 4) for a in model.G.noise_strength.tolist()]
+    return metrics, x
+
+
+def trajectory(run_dir: str, teacher, real: torch.Tensor, eval_gen) -> list:
+    """The metrics of the EMA generator of every network snapshot in `run_dir`, in order of training progress."""
+    points = []
+    for path in sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl'))):
+        with open(path, 'rb') as f:
+            G = pickle.load(f)['G_ema']  # our own run's pickle, written moments ago
+        kimg = float(os.path.basename(path)[len('network-snapshot-'):-len('.pkl')])
+        points.append(dict(kimg=kimg, **generator_metrics(ikl.ModuleAdapter(G, [G.z_dim]), teacher, real, eval_gen())[0]))
+    return points
+
+
+def print_table(rows: dict, first: str) -> None:
+    print(f'{first:<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"mode std":>9} {"coverage %":>11} '
+          f'{"noise strength":>16} {"seconds":>8}')
+    for name, r in rows.items():
+        noise = ' '.join(f'{a:.4f}' for a in r.get('noise_strength', []))
+        seconds = f'{r["seconds"]:.1f}' if 'seconds' in r else ''
+        print(f'{name:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
+              f'{r["mode_std"]:>9.4f} {100 * r["coverage"]:>11.2f} {noise:>16} {seconds:>8}')
 
 
 def make_mode_dropping_generator(teacher, opts: dict, kimg: float, fake_init_steps: int, seed: int, outdir: str,
@@ -134,12 +169,14 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
               help='Add latent noise to its output with a learned strength (ikl.toy.MLPGenerator).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
+@click.option('--snapshots', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Evenly spaced snapshots of each refinement whose metrics are reported too (0: only the end).')
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
               help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
          fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise, fake_width, fake_depth,
-         seed, methods):
+         snapshots, seed, methods):
     unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
     if unknown:
         raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
@@ -153,6 +190,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                 sigma_data=sigma_data, ema_halflife_kimg=ema, lr_rampdown_kimg=rampdown * kimg, seed=seed,
                 tick_kimg=max(kimg / 10, 1), snapshot_ticks=None, image_ticks=None, grid_size=0, progress=False,
                 tensorboard=False)
+    tracking = dict(tick_kimg=kimg / snapshots, snapshot_ticks=1) if snapshots else {}  # refinements only, not the start
     t0 = time.time()
     generator_kwargs = dict(latent_dim=latent_dim, hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain,
                             output_noise=output_noise)
@@ -160,35 +198,34 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
     fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs, G0)
     setup_sec = time.time() - t0
-    results = dict()
+    results, trajectories = dict(), dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
     real = teacher.sample(10000, torch.Generator().manual_seed(seed + 200))  # the reference set for coverage
     for method in methods.split(','):
         t1 = time.time()
         if method == 'exact':
             x = teacher.sample(10000, eval_gen())
+            results[method] = mode_metrics(x, teacher, real)
         else:
             adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [G0.z_dim])
-            if method == 'none':
-                model = adapter
-            else:
+            model = adapter
+            if method != 'none':
                 fake = copy.deepcopy(fake0) if method == 'ikl' else None
-                trainer = ikl.train(adapter, teacher, fake, dict(opts, divergence=method), os.path.join(outdir, method))
-                model = trainer.ema
-            with torch.no_grad():
-                x = model.sample(10000, eval_gen())[0]
-        seconds = round(time.time() - t1, 1)
-        results[method] = dict(mode_metrics(x, teacher, real), seconds=seconds)
-        if method != 'exact' and model.G.noise_strength is not None:
-            results[method]['noise_strength'] = [round(a, 4) for a in model.G.noise_strength.tolist()]
+                run_dir = os.path.join(outdir, method)
+                model = ikl.train(adapter, teacher, fake, dict(opts, divergence=method, **tracking), run_dir).ema
+                if snapshots:
+                    trajectories[method] = trajectory(run_dir, teacher, real, eval_gen)
+            results[method], x = generator_metrics(model, teacher, real, eval_gen())
+        results[method]['seconds'] = round(time.time() - t1, 1)
         save_scatter(x[:3000], os.path.join(outdir, f'scatter-{method}.png'), extent=5.5, centres=teacher.means.tolist())
 
-    print(f'{"method":<8} {"modes":>6} {"high-quality %":>15} {"reverse KL":>11} {"mode std":>9} {"coverage %":>11} '
-          f'{"seconds":>8}')
-    for method, r in results.items():
-        print(f'{method:<8} {r["modes"]:>4}/25 {100 * r["high_quality"]:>15.2f} {r["reverse_kl"]:>11.4f} '
-              f'{r["mode_std"]:>9.4f} {100 * r["coverage"]:>11.2f} {r["seconds"]:>8.1f}')
-    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, generator=generator_kwargs,
+    print_table(results, 'method')
+    for method, points in trajectories.items():
+        print()
+        print_table({f'{p["kimg"]:.0f}': p for p in points}, f'{method} kimg')
+        results[method]['trajectory'] = points
+    print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, snapshots=snapshots,
+                          generator=generator_kwargs,
                           fake=dict(fake_kwargs, init=fake_init), results=results)))
 
 

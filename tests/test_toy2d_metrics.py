@@ -1,5 +1,6 @@
-"""bench/toy2d.py's coverage metric against its closed form, and its response to a generator with collapsed modes."""
+"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory."""
 
+import json
 import math
 import os
 import sys
@@ -27,3 +28,20 @@ def test_coverage_falls_when_the_modes_collapse():
     narrow = centres[torch.randint(2, (2000,), generator=gen)] + 0.005 * torch.randn(2000, 2, generator=gen)
     same = centres[torch.randint(2, (2000,), generator=gen)] + 0.05 * torch.randn(2000, 2, generator=gen)
     assert coverage(real, narrow) < 0.2 < 0.9 < coverage(real, same)
+
+
+def test_snapshots_report_a_trajectory_that_ends_at_the_final_generator(tmp_path):
+    from click.testing import CliRunner
+    from toy2d import main
+    args = ['--outdir', str(tmp_path), '--kimg', '2', '--start-kimg', '0.5', '--fake-init-steps', '2', '--g-width', '16',
+            '--g-depth', '1', '--fake-width', '16', '--fake-depth', '1', '--output-noise', 'true', '--snapshots', '2',
+            '--methods', 'none,ikl']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    ikl_result = json.loads(result.output.strip().splitlines()[-1])['results']['ikl']
+    points = ikl_result.pop('trajectory')
+    assert [round(p['kimg']) for p in points] == [1, 2]
+    final = {k: v for k, v in ikl_result.items() if k != 'seconds'}
+    assert points[-1] == dict(kimg=points[-1]['kimg'], **final)  # the last snapshot is the generator reported
+    assert points[0] != dict(kimg=points[0]['kimg'], **final)
+    assert len(list((tmp_path / 'start').glob('network-snapshot-*.pkl'))) == 1  # the start keeps no snapshots
