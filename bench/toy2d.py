@@ -167,6 +167,9 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
 @click.option('--output-noise', type=bool, default=False, show_default=True,
               help='Add latent noise to its output with a learned strength (ikl.toy.MLPGenerator).')
+@click.option('--noise-strength', type=click.FloatRange(min=0), default=None,
+              help='Refine with the output noise at this fixed strength, not trained (as refine.py keeps StyleGAN2\'s '
+                   'noise strengths fixed). Default: trained on from the start\'s value.')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
 @click.option('--snapshots', type=click.IntRange(min=0), default=0, show_default=True,
@@ -175,12 +178,14 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
               help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise, fake_width, fake_depth,
-         snapshots, seed, methods):
+         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise, noise_strength,
+         fake_width, fake_depth, snapshots, seed, methods):
     unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
     if unknown:
         raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
                                  param_hint='--methods')
+    if noise_strength is not None and not output_noise:
+        raise click.BadParameter('a fixed strength needs --output-noise true', param_hint='--noise-strength')
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
@@ -196,7 +201,10 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
                             output_noise=output_noise)
     fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
-    fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs, G0)
+    G1 = copy.deepcopy(G0).train().requires_grad_(True)  # what the refinements start from
+    if noise_strength is not None:
+        G1.noise_strength.requires_grad_(False).data.fill_(noise_strength)
+    fake0 = initial_fake(teacher, fake_init, fake_init_steps, seed, sigma_data, fake_kwargs, G1)
     setup_sec = time.time() - t0
     results, trajectories = dict(), dict()
     eval_gen = lambda: torch.Generator().manual_seed(seed + 100)
@@ -207,9 +215,9 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
             x = teacher.sample(10000, eval_gen())
             results[method] = mode_metrics(x, teacher, real)
         else:
-            adapter = ikl.ModuleAdapter(copy.deepcopy(G0).train().requires_grad_(True), [G0.z_dim])
-            model = adapter
+            model = ikl.ModuleAdapter(G0, [G0.z_dim])
             if method != 'none':
+                adapter = ikl.ModuleAdapter(copy.deepcopy(G1), [G1.z_dim])
                 fake = copy.deepcopy(fake0) if method == 'ikl' else None
                 run_dir = os.path.join(outdir, method)
                 model = ikl.train(adapter, teacher, fake, dict(opts, divergence=method, **tracking), run_dir).ema
@@ -225,7 +233,7 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
         print_table({f'{p["kimg"]:.0f}': p for p in points}, f'{method} kimg')
         results[method]['trajectory'] = points
     print(json.dumps(dict(benchmark='toy2d', setup_seconds=round(setup_sec, 1), options=opts, snapshots=snapshots,
-                          generator=generator_kwargs,
+                          generator=dict(generator_kwargs, fixed_noise_strength=noise_strength),
                           fake=dict(fake_kwargs, init=fake_init), results=results)))
 
 

@@ -30,16 +30,19 @@ def test_coverage_falls_when_the_modes_collapse():
     assert coverage(real, narrow) < 0.2 < 0.9 < coverage(real, same)
 
 
-def test_snapshots_report_a_trajectory_that_ends_at_the_final_generator(tmp_path):
+def test_snapshots_report_a_trajectory_that_ends_at_the_final_generator_and_a_fixed_noise_strength_stays(tmp_path):
     from click.testing import CliRunner
     from toy2d import main
     args = ['--outdir', str(tmp_path), '--kimg', '2', '--start-kimg', '0.5', '--fake-init-steps', '2', '--g-width', '16',
-            '--g-depth', '1', '--fake-width', '16', '--fake-depth', '1', '--output-noise', 'true', '--snapshots', '2',
-            '--methods', 'none,ikl']
+            '--g-depth', '1', '--fake-width', '16', '--fake-depth', '1', '--output-noise', 'true', '--noise-strength', '0.03',
+            '--fake-init', 'empirical', '--snapshots', '2', '--methods', 'none,ikl']
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    ikl_result = json.loads(result.output.strip().splitlines()[-1])['results']['ikl']
+    results = json.loads(result.output.strip().splitlines()[-1])['results']
+    ikl_result = results['ikl']
     points = ikl_result.pop('trajectory')
+    assert results['none']['noise_strength'] != [0.03, 0.03]  # the start keeps its trained strength...
+    assert all(p['noise_strength'] == [0.03, 0.03] for p in points)  # ...the refinement has the fixed one throughout
     assert [round(p['kimg']) for p in points] == [1, 2]
     final = {k: v for k, v in ikl_result.items() if k != 'seconds'}
     assert points[-1] == dict(kimg=points[-1]['kimg'], **final)  # the last snapshot is the generator reported
