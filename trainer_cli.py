@@ -164,6 +164,7 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
         trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
                         snapshot_fn=snapshot_fn, resume='auto' if resume else None, on_snapshot=on_snapshot)
         dist.print0(summary(run_dir, trainer.cur_nimg))
+        dist.shutdown()
     finally:
         if logger is not None:
             logger.close()

@@ -24,8 +24,9 @@ How `refine.py` and `distill.py` use it::
   `training-state-<kimg>.pt` (everything for exact resume), `stats.jsonl`, `ikl_options.json`, preview PNGs
   `fakes*.png` (the adapter's `preview()`), TensorBoard events if installed. All files are written atomically by
   rank 0. `on_snapshot(trainer, path)` runs after each snapshot and once at the start (path None).
-- Distributed: launch with `torchrun`, call `torch_utils.distributed.init()` first; gradients are all-reduced
-  by the engine (no DDP wrapper needed, so any adapter works), `batch` is global.
+- Distributed: launch with `torchrun`, call `torch_utils.distributed.init()` first and its `shutdown()` after a
+  successful run; gradients are all-reduced by the engine (no DDP wrapper needed, so any adapter works), `batch`
+  is global.
 - `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
 
 Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),

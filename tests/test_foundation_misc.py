@@ -80,3 +80,12 @@ def test_distributed_single_process_without_launcher(monkeypatch):
     assert device == torch.device('cpu')
     assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
     distributed.barrier()
+
+
+def test_distributed_shutdown_leaves_the_process_group(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / 'store'), 1)
+    torch.distributed.init_process_group('gloo', store=store, rank=0, world_size=1)
+    assert distributed.get_world_size() == 1 and torch.distributed.is_initialized()
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized()
+    distributed.shutdown()  # a second call (or one without a group) does nothing

@@ -98,6 +98,7 @@ def _ddp_worker(outdir, fake_kind):
     dist.init()
     adapter, teacher, fake = _networks(fake_kind)
     ikl.train(adapter, teacher, fake, dict(OPTS, batch_gpu=16, snapshot_ticks=None), outdir)
+    dist.shutdown()
 
 
 @pytest.mark.parametrize('fake_kind', sorted(FAKES))

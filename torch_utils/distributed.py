@@ -68,6 +68,15 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
+def shutdown() -> None:
+    """Leave the process group once work is done, on every rank. A process that exits with a gloo group still alive
+    can abort (SIGABRT) while the interpreter finalizes, as gloo's worker threads still hold tensors. Only call it on
+    success: after a failure other ranks may still wait in a collective."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears its connections down while another still uses them
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every process (no-op for a single process)."""
     if torch.distributed.is_initialized():
