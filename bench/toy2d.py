@@ -18,13 +18,13 @@ Scatter plots (PNG) go to --outdir. Prints tables, then one JSON object as its l
 """
 
 import copy
-import glob
 import json
 import math
 import os
 import pickle
 import sys
 import time
+from typing import Callable
 
 import click
 import torch
@@ -35,6 +35,7 @@ import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
 from ikl.toy import ACTIVATIONS, EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
+from torch_utils.run_files import kimg_files  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
 EMPIRICAL_SAMPLES = 8192  # an empirical fake score holds the samples of the last 32 iterations of 256
@@ -78,14 +79,14 @@ def generator_metrics(model: ikl.GeneratorAdapter, teacher, real: torch.Tensor, 
     return metrics, x
 
 
-def trajectory(run_dir: str, teacher, real: torch.Tensor, eval_gen) -> list:
+def trajectory(run_dir: str, teacher, real: torch.Tensor, make_eval_gen: Callable) -> list:
     """The metrics of the EMA generator of every network snapshot in `run_dir`, in order of training progress."""
     points = []
-    for path in sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl'))):
+    for kimg, path in kimg_files(run_dir, 'network-snapshot', 'pkl'):
         with open(path, 'rb') as f:
             G = pickle.load(f)['G_ema']  # our own run's pickle, written moments ago
-        kimg = float(os.path.basename(path)[len('network-snapshot-'):-len('.pkl')])
-        points.append(dict(kimg=kimg, **generator_metrics(ikl.ModuleAdapter(G, [G.z_dim]), teacher, real, eval_gen())[0]))
+        metrics = generator_metrics(ikl.ModuleAdapter(G, [G.z_dim]), teacher, real, make_eval_gen())[0]
+        points.append(dict(kimg=kimg, **metrics))
     return points
 
 

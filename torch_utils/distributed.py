@@ -74,7 +74,7 @@ def shutdown() -> None:
     saw it in about 1 of 8 two-process test runs, and destroying the group without the barrier did not stop it).
     Only call it on success: after a failure other ranks may never reach the barrier."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank tears its connections down while another still uses them
+        barrier()  # no rank tears its connections down while another still uses them
         torch.distributed.destroy_process_group()
 
 
