@@ -50,6 +50,11 @@ def resolve(name_or_path_or_url: str) -> str:
     return OFFICIAL.get(key, name_or_path_or_url)
 
 
+def _one_line(err: Exception, limit: int = 400) -> str:
+    """An exception's message on one line (unpickling errors can span several), cut to `limit` characters."""
+    return ' '.join(str(err).split())[:limit] or type(err).__name__
+
+
 def load_pickle(name_or_path_or_url: str, cache_dir: Optional[str] = None, verbose: bool = True) -> Any:
     """Unpickle a file, URL (through the download cache) or official short name, with one-line errors."""
     source = resolve(str(name_or_path_or_url))
@@ -63,10 +68,10 @@ def load_pickle(name_or_path_or_url: str, cache_dir: Optional[str] = None, verbo
         raise TeacherLoadError(f'Teacher {source}: {err}') from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError, UnicodeDecodeError) as err:
-        raise TeacherLoadError(f'Teacher {source}: not a readable network pickle ({type(err).__name__}: {err})') from None
+        raise TeacherLoadError(f'Teacher {source}: not a readable network pickle ({type(err).__name__}: '
+                               f'{_one_line(err)})') from None
     except RuntimeError as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TeacherLoadError(f'Teacher {source}: could not be unpickled ({msg})') from None
+        raise TeacherLoadError(f'Teacher {source}: could not be unpickled ({_one_line(err)})') from None
 
 
 def teacher_from_pickle_data(data: Any, source: str = 'pickle') -> torch.nn.Module:
@@ -150,8 +155,8 @@ def rebuild_as_ours(net: torch.nn.Module, check: bool = True, atol: float = 1e-4
     try:
         ours.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        detail = ' '.join(str(err).split())[:400]
-        raise TeacherLoadError(f'rebuild_as_ours: the {class_name} state does not map onto ours ({detail})') from None
+        raise TeacherLoadError(f'rebuild_as_ours: the {class_name} state does not map onto ours '
+                               f'({_one_line(err)})') from None
     ours.train(net.training)
     if check:
         was_training = net.training

@@ -196,6 +196,9 @@ def test_bad_sources_give_one_line_errors(tmp_path):
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(os.urandom(256))
     assert 'not a readable network pickle' in one_line_error(str(corrupt))
+    persistent_id = tmp_path / 'persistent_id.pkl'  # the unpickler's message for this opcode spans two lines
+    persistent_id.write_bytes(b'\x80\x02X\x01\x00\x00\x00aQ.')
+    assert 'not a readable network pickle' in one_line_error(str(persistent_id))
 
     torch.manual_seed(3)
     good = pickle.dumps(snapshot(networks.EDMPrecond(**NET_KWARGS)))
