@@ -140,6 +140,22 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
     return fake
 
 
+class OutputNoise(click.ParamType):
+    """`--output-noise`: off, trained, or a fixed strength (a float >= 0)."""
+    name = 'off|trained|STRENGTH'
+
+    def convert(self, value, param, ctx):
+        if value in ('off', 'trained') or isinstance(value, float):
+            return value
+        try:
+            strength = float(value)
+        except ValueError:
+            strength = math.nan
+        if not strength >= 0:  # also refuses nan
+            self.fail(f'expected off, trained or a strength >= 0, got {value!r}', param, ctx)
+        return strength
+
+
 @click.command()
 @click.option('--outdir', type=str, default='bench-out/toy2d', show_default=True)
 @click.option('--kimg', type=float, default=16000, show_default=True, help='Refinement length.')
@@ -166,11 +182,10 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
 @click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='silu', show_default=True, help='Its activation.')
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
-@click.option('--output-noise', type=bool, default=False, show_default=True,
-              help='Add latent noise to its output with a learned strength (ikl.toy.MLPGenerator).')
-@click.option('--noise-strength', type=click.FloatRange(min=0), default=None,
-              help='Refine with the output noise at this fixed strength, not trained (as refine.py keeps StyleGAN2\'s '
-                   'noise strengths fixed). Default: trained on from the start\'s value.')
+@click.option('--output-noise', type=OutputNoise(), default='off', show_default=True,
+              help='Latent noise added to the generator\'s output (ikl.toy.MLPGenerator): off; trained (its strength '
+                   'learned, by the start and on by the refinement); or a strength held fixed during the refinement, '
+                   'as refine.py holds StyleGAN2\'s noise strengths (the start still learns its own).')
 @click.option('--fake-width', type=int, default=128, show_default=True, help='Hidden units of the fake-score MLP.')
 @click.option('--fake-depth', type=int, default=3, show_default=True, help='Hidden layers of the fake-score MLP.')
 @click.option('--snapshots', type=click.IntRange(min=0), default=0, show_default=True,
@@ -179,14 +194,12 @@ def initial_fake(teacher, how: str, steps: int, seed: int, sigma_data: float, fa
 @click.option('--methods', type=str, default='exact,none,sds,ikl', show_default=True,
               help='exact: samples of the mixture itself; none: the start; sds, ikl: refined from it.')
 def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting, normalize, ema, rampdown, start_kimg,
-         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise, noise_strength,
+         fake_init, fake_init_steps, latent_dim, g_width, g_depth, g_act, input_gain, output_noise,
          fake_width, fake_depth, snapshots, seed, methods):
     unknown = sorted(set(methods.split(',')) - {'exact', 'none', 'sds', 'ikl'})
     if unknown:
         raise click.BadParameter(f'unknown {unknown}, expected a comma-separated subset of exact,none,sds,ikl',
                                  param_hint='--methods')
-    if noise_strength is not None and not output_noise:
-        raise click.BadParameter('a fixed strength needs --output-noise true', param_hint='--noise-strength')
     torch.set_num_threads(1)
     os.makedirs(outdir, exist_ok=True)
     teacher = grid25()
@@ -199,7 +212,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
     tracking = dict(tick_kimg=kimg / snapshots, snapshot_ticks=1) if snapshots else {}  # refinements only, not the start
     t0 = time.time()
     generator_kwargs = dict(latent_dim=latent_dim, hidden=g_width, layers=g_depth, activation=g_act, input_gain=input_gain,
-                            output_noise=output_noise)
+                            output_noise=output_noise != 'off')
+    noise_strength = output_noise if isinstance(output_noise, float) else None
     fake_kwargs = dict(hidden=fake_width, layers=fake_depth)
     G0 = make_mode_dropping_generator(teacher, opts, start_kimg, fake_init_steps, seed, outdir, generator_kwargs, fake_kwargs)
     G1 = copy.deepcopy(G0).train().requires_grad_(True)  # what the refinements start from

@@ -34,7 +34,7 @@ def test_snapshots_report_a_trajectory_that_ends_at_the_final_generator_and_a_fi
     from click.testing import CliRunner
     from toy2d import main
     args = ['--outdir', str(tmp_path), '--kimg', '2', '--start-kimg', '0.5', '--fake-init-steps', '2', '--g-width', '16',
-            '--g-depth', '1', '--fake-width', '16', '--fake-depth', '1', '--output-noise', 'true', '--noise-strength', '0.03',
+            '--g-depth', '1', '--fake-width', '16', '--fake-depth', '1', '--output-noise', '0.03',
             '--fake-init', 'empirical', '--snapshots', '2', '--methods', 'none,ikl']
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -48,3 +48,12 @@ def test_snapshots_report_a_trajectory_that_ends_at_the_final_generator_and_a_fi
     assert points[-1] == dict(kimg=points[-1]['kimg'], **final)  # the last snapshot is the generator reported
     assert points[0] != dict(kimg=points[0]['kimg'], **final)
     assert len(list((tmp_path / 'start').glob('network-snapshot-*.pkl'))) == 1  # the start keeps no snapshots
+
+
+def test_output_noise_option_refuses_what_is_not_off_trained_or_a_strength():
+    from click.testing import CliRunner
+    from toy2d import main
+    for bad in ['on', '-0.1', 'nan']:
+        result = CliRunner().invoke(main, ['--output-noise', bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert f"expected off, trained or a strength >= 0, got '{bad}'" in result.output
