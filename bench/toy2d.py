@@ -2,9 +2,11 @@
 
 The teacher is the exact Gaussian-mixture denoiser (`teachers.analytic.grid25`: centres -4..4, std 0.05). The
 starting generator is an MLP made to drop modes on purpose: a fresh one is instructed (IKL, one fixed recipe) by
-the mixture *without* five held-out modes. Refinement defaults: the official noise law and weighting, lr 1e-3
-with a cosine ramp-down over the last quarter, generator latent gain 5, a fake score fitted to the teacher (the
-README shows what each choice measured, and why the exact-copy fake score is not the default).
+the mixture *without* five held-out modes. Refinement defaults: the official noise law and weighting, 32 Mimg at
+lr 1e-3 with a cosine ramp-down over the last quarter; a tanh MLP generator 128x3 with latent gain 5 and its output
+noise held at strength 0.04; the empirical fake score (the exact denoiser of recent generator samples, so no fitting
+error). The README shows what each choice measured: this is the recipe that meets the target (25/25 modes, at least
+97 % high quality) on every seed with modes of about the teacher's width.
 Metrics on 10k samples of each generator (EMA weights for the refined ones):
 - modes covered: a mode counts when it holds at least 10 % of its fair share (1/25) of the samples within 3 std;
 - high quality: the share of samples within 3 std (0.15) of some centre (98.9 % for exact samples);
@@ -158,7 +160,7 @@ class OutputNoise(click.ParamType):
 
 @click.command()
 @click.option('--outdir', type=str, default='bench-out/toy2d', show_default=True)
-@click.option('--kimg', type=float, default=16000, show_default=True, help='Refinement length.')
+@click.option('--kimg', type=float, default=32000, show_default=True, help='Refinement length.')
 @click.option('--batch', type=int, default=256, show_default=True)
 @click.option('--lr', type=float, default=1e-3, show_default=True)
 @click.option('--fake-lr', type=float, default=3e-3, show_default=True, help='Fake-score lr.')
@@ -171,7 +173,7 @@ class OutputNoise(click.ParamType):
 @click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
 @click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
-@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'empirical']), default='learned',
+@click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'empirical']), default='empirical',
               show_default=True,
               help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
                    'zero-initialised network correction (exact), a trainable copy of the mixture (mixture), or the '
@@ -180,9 +182,9 @@ class OutputNoise(click.ParamType):
 @click.option('--latent-dim', type=int, default=2, show_default=True, help='Latent dimensions of the generator.')
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
-@click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='silu', show_default=True, help='Its activation.')
+@click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='tanh', show_default=True, help='Its activation.')
 @click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
-@click.option('--output-noise', type=OutputNoise(), default='off', show_default=True,
+@click.option('--output-noise', type=OutputNoise(), default=0.04, show_default=True,
               help='Latent noise added to the generator\'s output (ikl.toy.MLPGenerator): off; trained (its strength '
                    'learned, by the start and on by the refinement); or a strength held fixed during the refinement, '
                    'as refine.py holds StyleGAN2\'s noise strengths (the start still learns its own).')
