@@ -40,7 +40,7 @@ class MLPGenerator(torch.nn.Module):
     The MLP could then map each latent cell to a point, which saturating layers do well, and leave the spread to
     the noise. By Stein's lemma the strength's gradient is the strength times the mean derivative, along its
     coordinate, of the update the samples receive: near zero it is mostly noise, and trained under IKL it stays
-    there (the README's toy2d rows); `bench/toy2d.py --output-noise 0.04` holds it fixed instead."""
+    there (the README's toy2d rows); bench/toy2d.py holds it fixed instead (at 0.04 by default)."""
 
     def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3, input_gain: float = 1.0,
                  activation: str = 'silu', output_noise: bool = False, noise_init: float = 0.01):

@@ -1,4 +1,4 @@
-"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory."""
+"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory; its --output-noise option."""
 
 import json
 import math
