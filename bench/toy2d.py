@@ -147,7 +147,7 @@ class OutputNoise(click.ParamType):
     name = 'off|trained|STRENGTH'
 
     def convert(self, value, param, ctx):
-        if value in ('off', 'trained') or isinstance(value, float):
+        if value in ('off', 'trained'):
             return value
         try:
             strength = float(value)

@@ -1,4 +1,5 @@
-"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory; its --output-noise option."""
+"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory;
+its --output-noise option."""
 
 import json
 import math
