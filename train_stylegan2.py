@@ -19,7 +19,7 @@ from tqdm import tqdm
 import dnnlib
 from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
-from stylegan2.pickles import save_network_pkl
+from stylegan2.pickles import NetworkPickleError, load_network_pkl, save_network_pkl
 from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
@@ -58,6 +58,24 @@ def iteration_generator(seed: int, iteration: int, device: torch.device) -> torc
     return torch.Generator(device=device).manual_seed(value)
 
 
+def init_weights(path: str, modules: dict) -> None:
+    """Copy a network pickle's weights into freshly built networks: training continues from them with new
+    optimizers and a new schedule. The architecture options must match the pickle's."""
+    try:
+        data = load_network_pkl(path)
+    except NetworkPickleError as err:
+        raise click.ClickException(f'--init: {err}') from None
+    for name, module in modules.items():
+        if data.get(name) is None:
+            raise click.ClickException(f'--init={path}: the pickle has no {name}')
+        try:
+            module.load_state_dict(data[name].state_dict())
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise click.ClickException(f'--init={path}: {name} does not match the architecture options '
+                                       f'(--z-dim/--map/--cbase/--cmax/--d-arch/--cond): {first}') from None
+
+
 def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) -> None:
     device = torch.device(c.device)
     dataset = dnnlib.util.construct_class_by_name(**c.training_set_kwargs)
@@ -66,6 +84,7 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
     c_dim = dataset.label_dim if c.cond else 0
     labels = torch.from_numpy(labels_np).to(device) if c_dim else torch.zeros([len(dataset), 0], device=device)
 
+    torch.manual_seed(c.seed)  # The initial weights (and noise_const buffers) follow --seed.
     G, D = build_networks(c, dataset.resolution, dataset.num_channels, c_dim)
     G, D = G.to(device).train(), D.to(device).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -76,6 +95,10 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
         phases = [p for p in phases if p[1] != 'Greg']
     opts = dict(G=phase_optimizer(G, c.glr, G_REG_INTERVAL), D=phase_optimizer(D, c.dlr, D_REG_INTERVAL))
     sampler = EpochSampler(len(dataset), c.batch, seed=c.seed, device=device)
+
+    if c.get('init') and resume_state is None:
+        init_weights(c.init, dict(G=G, D=D, G_ema=G_ema))
+        print(f'Initialised G, D and G_ema from {c.init}')
 
     cur_nimg, cur_tick, iteration = 0, 0, 0
     if resume_state is not None:
@@ -188,7 +211,8 @@ Examples:
   python train_stylegan2.py --resume=runs/00000-fmnist-32x32-cond''')
 @click.option('--data', type=click.Path(exists=True, dir_okay=True), help='Dataset ZIP or folder (dataset_tool.py)')
 @click.option('--outdir', type=click.Path(file_okay=False), default='runs', show_default=True, help='Where run directories go')
-@click.option('--resume', type=click.Path(exists=True), help='Run directory (or training-state file) to continue')
+@click.option('--resume', type=click.Path(exists=True), help='Run directory (or training-state file) to continue; --kimg may extend it')
+@click.option('--init', type=click.Path(exists=True, dir_okay=False), help='Start from this network pickle\'s weights')
 @click.option('--cond', type=bool, default=False, show_default=True, help='Class-conditional (needs dataset labels)')
 @click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=150, show_default=True, help='Training duration')
 @click.option('--batch', type=click.IntRange(min=1), default=32, show_default=True, help='Batch size')
@@ -222,10 +246,16 @@ def main(data, outdir, resume, dry_run, threads, **kwargs):
             resume_state = latest_training_state(resume, required=True)
         except FileNotFoundError as err:
             raise click.ClickException(str(err)) from None
+        if click.get_current_context().get_parameter_source('kimg') == click.core.ParameterSource.COMMANDLINE:
+            c.kimg = kwargs['kimg']  # Extends (or shortens) the run; recorded below.
+            with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
+                json.dump(c, f, indent=2)
     else:
         if data is None:
             raise click.UsageError('--data is required (or --resume to continue a run)')
         c = dnnlib.EasyDict(kwargs)
+        if c.init:
+            c.init = os.path.abspath(c.init)
         c.training_set_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                      use_labels=kwargs['cond'], max_size=None, xflip=False)
         c.progress = True

@@ -23,7 +23,7 @@ import click
 import torch
 
 import dnnlib
-from teachers.training_loop import training_loop
+from teachers.training_loop import init_from_pickle, training_loop
 from torch_utils.run_files import latest_training_state
 from training.dataset import ImageFolderDataset
 
@@ -130,13 +130,14 @@ def check_resume_state(path: str, net: torch.nn.Module) -> None:
 @click.option('--grid', help='Images in each sample grid (0: none)', type=click.IntRange(min=0), default=64, show_default=True)
 @click.option('--grid-steps', help='Heun steps for the sample grids', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
+@click.option('--init', help="Start from this snapshot's weights (fresh optimizer and schedule)", metavar='PKL', type=click.Path(exists=True, dir_okay=False))
 @click.option('--resume', help='training-state-*.pt, or a run directory (its latest state)', metavar='PT|DIR')
 @click.option('--desc', help='Extra text for the run directory name', type=str)
 @click.option('--device', help='Device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', help='CPU threads for torch [default: torch decides]', type=click.IntRange(min=1))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True, show_default=True)
 @click.option('--dry-run', help='Print the options and the network size, then exit', is_flag=True)
-def main(outdir, desc, resume, threads, progress, dry_run, **kwargs):
+def main(outdir, desc, init, resume, threads, progress, dry_run, **kwargs):
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise click.UsageError('train_teacher.py trains in a single process; run it without torchrun')
     if threads is not None:
@@ -162,6 +163,12 @@ def main(outdir, desc, resume, threads, progress, dry_run, **kwargs):
     print(f'Network: {sum(p.numel() for p in net.parameters()):,} parameters')
     if resume_state is not None:
         check_resume_state(resume_state, net)
+    elif init is not None:
+        opts.init_pkl = os.path.abspath(init)
+        try:
+            init_from_pickle(opts.init_pkl, net)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
     if dry_run:
         print('Dry run; exiting.')
         return

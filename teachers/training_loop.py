@@ -25,6 +25,7 @@ from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
 from torch_utils.run_files import atomic_write, kimg_label
 
+from .load import TeacherLoadError, load as load_teacher
 from .sampling import StackedRandomGenerator, edm_sampler
 
 
@@ -38,6 +39,16 @@ def sample_grid(net, num_images: int, label_dim: int, num_steps: int, device) ->
     return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps)
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def init_from_pickle(path: str, net: torch.nn.Module) -> None:
+    """Copy the weights of a snapshot's `ema` into `net`; a ValueError names what does not fit."""
+    try:
+        source = load_teacher(path, verbose=False)
+        net.load_state_dict(source.state_dict())
+    except (TeacherLoadError, RuntimeError) as err:
+        raise ValueError(f'--init {path}: does not fit the network these options build '
+                         f'({" ".join(str(err).split())[:300]})') from None
 
 
 def training_loop(
@@ -60,6 +71,7 @@ def training_loop(
     grid_steps: int = 18,
     seed: int = 0,
     resume_state: Optional[str] = None,  # training-state-*.pt to continue from.
+    init_pkl: Optional[str] = None,     # Network pickle whose `ema` weights start a new run (fresh optimizer).
     device: str = 'cpu',
     progress: bool = True,
 ) -> dict:
@@ -97,6 +109,11 @@ def training_loop(
     base_lrs = [group['lr'] for group in optimizer.param_groups]
     log(f'Network {type(net).__name__}({network_kwargs.get("model_type")}): '
         f'{sum(p.numel() for p in net.parameters()):,} parameters')
+
+    if init_pkl is not None and resume_state is None:
+        init_from_pickle(init_pkl, net)
+        ema.load_state_dict(net.state_dict())
+        log(f'Initialised the network and its EMA from {init_pkl}')
 
     cur_nimg, cur_tick = 0, 0
     if resume_state is not None:

@@ -6,39 +6,18 @@ import json
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import teachers
 import train_teacher
 from teachers.loss import EDMLoss
 from training.dataset import ImageFolderDataset
-
-
-@pytest.fixture(scope='module')
-def dataset_zip(tmp_path_factory):
-    """48 labelled 8x8 grayscale images (a bright square whose corner is the class), made with dataset_tool."""
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.RandomState(0)
-    labels = np.arange(48) % 4
-    images = rng.randint(0, 40, size=[48, 8, 8]).astype(np.uint8)
-    for i, c in enumerate(labels):
-        r, k = divmod(int(c), 2)
-        images[i, r * 4:r * 4 + 4, k * 4:k * 4 + 4] = 230
-    for name, array in (('train-images-idx3-ubyte', images), ('train-labels-idx1-ubyte', labels.astype(np.uint8))):
-        with open(root / name, 'wb') as f:
-            f.write(b'\0\0\x08' + bytes([array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape) + array.tobytes())
-    path = str(root / 'squares.zip')
-    dataset_tool.convert_dataset(str(root), path, progress=False)
-    return path
 
 
 TINY = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--blocks=1', '--attn=4', '--batch=16', '--lr=1e-2',
@@ -160,3 +139,17 @@ def test_ctrl_c_saves_state_that_resumes_exactly(tmp_path, dataset_zip):
     straight = final_state(train(tmp_path / 's', dataset_zip, f'--kimg={total}', '--tick=1', '--snap=0', '--grid=0'))
     assert resumed['cur_nimg'] == straight['cur_nimg']
     assert all(torch.equal(resumed['ema'][k], straight['ema'][k]) for k in straight['ema'])
+
+
+def test_init_starts_a_new_run_from_a_snapshot(tmp_path, dataset_zip):
+    source = train(tmp_path / 'a', dataset_zip, '--kimg=0.032', '--tick=1', '--grid=0')
+    snapshot = os.path.join(source, 'network-snapshot-000000.032.pkl')
+    run = train(tmp_path / 'b', dataset_zip, '--kimg=0.016', '--tick=1', '--snap=1', '--grid=0', f'--init={snapshot}')
+    start = teachers.load(os.path.join(run, 'network-snapshot-000000.pkl')).state_dict()
+    expected = teachers.load(snapshot).state_dict()
+    assert all(torch.equal(start[k], expected[k]) for k in expected)
+    assert json.load(open(os.path.join(run, 'training_options.json')))['init_pkl'] == os.path.abspath(snapshot)
+    result = CliRunner().invoke(train_teacher.main, [f'--outdir={tmp_path / "c"}', f'--data={dataset_zip}', *TINY,
+                                                     '--cbase=12', f'--init={snapshot}'])
+    assert result.exit_code != 0 and 'does not fit the network' in result.output and 'Traceback' not in result.output
+    assert not os.path.exists(tmp_path / 'c')
