@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from teachers.dataset import is_image_file
+from training.dataset import is_image_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sources. Each yields dict(img=PIL.Image, label=int|list|None, name=str) and knows its length.

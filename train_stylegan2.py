@@ -8,22 +8,20 @@ stylegan2-ada-pytorch tools load; `--resume=<run dir>` continues exactly where t
 import copy
 import json
 import os
-import re
-import time
+import sys
 
 import click
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import dnnlib
 from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
 from stylegan2.pickles import NetworkPickleError, load_network_pkl, save_network_pkl
-from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
-from torch_utils.run_files import atomic_write, kimg_label, latest_training_state
+from training.run import (Run, atomic_write, counter_generator, ema_beta, kimg_label, latest_training_state,
+                          load_options, new_run_dir, save_options, update_ema)
 
 G_REG_INTERVAL = 4    # Lazy path-length regularisation (upstream default).
 D_REG_INTERVAL = 16   # Lazy R1 (upstream default).
@@ -49,15 +47,6 @@ def phase_optimizer(module: torch.nn.Module, lr: float, reg_interval: int) -> to
     return torch.optim.Adam(module.parameters(), lr=lr * ratio, betas=(0 ** ratio, 0.99 ** ratio), eps=1e-8)
 
 
-def iteration_generator(seed: int, iteration: int, device: torch.device) -> torch.Generator:
-    """The random stream of one iteration, derived from (seed, iteration) so a resumed run draws the same numbers.
-    Also reseeds the global RNG, which the synthesis noise inputs use."""
-    words = np.random.SeedSequence([seed, iteration]).generate_state(2, np.uint32)
-    value = (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
-    torch.manual_seed(value)
-    return torch.Generator(device=device).manual_seed(value)
-
-
 def init_weights(path: str, modules: dict) -> None:
     """Copy a network pickle's weights into freshly built networks: training continues from them with new
     optimizers and a new schedule. The architecture options must match the pickle's."""
@@ -78,6 +67,7 @@ def init_weights(path: str, modules: dict) -> None:
 
 def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) -> None:
     device = torch.device(c.device)
+    run = Run(run_dir, c.kimg, c.tick, c.snap, c.batch, progress=c.progress, desc='train_stylegan2')
     dataset = dnnlib.util.construct_class_by_name(**c.training_set_kwargs)
     images_u8, labels_np = dataset.load_all()
     images_u8 = torch.from_numpy(images_u8).to(device)
@@ -98,9 +88,7 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
 
     if c.get('init') and resume_state is None:
         init_weights(c.init, dict(G=G, D=D, G_ema=G_ema))
-        print(f'Initialised G, D and G_ema from {c.init}')
-
-    cur_nimg, cur_tick, iteration = 0, 0, 0
+        run.log(f'Initialised G, D and G_ema from {c.init}')
     if resume_state is not None:
         state = torch.load(resume_state, map_location=device, weights_only=True)
         for name, module in dict(G=G, D=D, G_ema=G_ema).items():
@@ -109,8 +97,8 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
             opt.load_state_dict(state[f'opt_{name}'])
         sampler.load_state_dict(state['sampler'])
         loss.pl_mean.copy_(state['pl_mean'])
-        cur_nimg, cur_tick, iteration = int(state['cur_nimg']), int(state['cur_tick']), int(state['iteration'])
-        print(f'Resumed from {resume_state} at {cur_nimg / 1000:g} kimg')
+        run.load_state_dict(state['run'])
+        run.log(f'Resumed from {resume_state} at {run.cur_nimg / 1000:g} kimg')
 
     # Fixed latents for the grids, so successive grids show the same samples.
     grid_gen = torch.Generator(device=device).manual_seed(c.seed + 12345)
@@ -119,14 +107,14 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
     grid_w = int(np.ceil(np.sqrt(c.grid)))
 
     def save_snapshot():
-        label = kimg_label(cur_nimg)
+        label = kimg_label(run.cur_nimg)
         save_network_pkl(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), G=G, D=D, G_ema=G_ema,
                          training_set_kwargs=dict(c.training_set_kwargs), overwrite=True)
         with torch.no_grad():
             fakes = G_ema(grid_z, grid_c, noise_mode='const', force_fp32=True)
         save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'), grid_w)
         state = dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(), sampler=sampler.state_dict(),
-                     pl_mean=loss.pl_mean, cur_nimg=cur_nimg, cur_tick=cur_tick, iteration=iteration,
+                     pl_mean=loss.pl_mean, run=run.state_dict(),
                      **{f'opt_{name}': opt.state_dict() for name, opt in opts.items()})
         atomic_write(os.path.join(run_dir, f'training-state-{label}.pt'), lambda f: torch.save(state, f))
 
@@ -134,73 +122,40 @@ def training_loop(run_dir: str, c: dnnlib.EasyDict, resume_state: str = None) ->
         save_image_grid(images_u8[:c.grid].float() / 127.5 - 1, os.path.join(run_dir, 'reals.png'), grid_w)
         save_snapshot()
 
-    collector = training_stats.Collector(regex='.*')
-    total_nimg = int(round(c.kimg * 1000))
-    tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
-    bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', unit_scale=True,
-               desc='train_stylegan2', mininterval=1.0, disable=not c.progress)
-    while cur_nimg < total_nimg:
-        gen = iteration_generator(c.seed, iteration, device)
-        idx = sampler.next_batch()
-        real_img = images_u8[idx].to(torch.float32) / 127.5 - 1
-        real_c = labels[idx]
-        for net_name, phase, interval in phases:
-            if iteration % interval != 0:
+    try:
+        while not run.done:
+            iteration = run.cur_nimg // c.batch
+            gen = counter_generator(device, c.seed, iteration)
+            idx = sampler.next_batch()
+            real_img = images_u8[idx].to(torch.float32) / 127.5 - 1
+            real_c = labels[idx]
+            for net_name, phase, interval in phases:
+                if iteration % interval != 0:
+                    continue
+                G.requires_grad_(net_name == 'G')
+                D.requires_grad_(net_name == 'D')
+                module, opt = (G if net_name == 'G' else D), opts[net_name]
+                opt.zero_grad(set_to_none=True)
+                gen_z = torch.randn([c.batch, G.z_dim], generator=gen, device=device)
+                gen_c = labels[torch.randint(len(dataset), [c.batch], generator=gen, device=device)]
+                loss.accumulate_gradients(phase, real_img, real_c, gen_z, gen_c, gain=interval, generator=gen)
+                for param in module.parameters():
+                    if param.grad is not None:
+                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+                opt.step()
+            update_ema(G_ema, G, ema_beta(c.batch, run.cur_nimg, c.ema_kimg, c.ema_rampup))
+
+            if not run.advance(c.batch):
                 continue
-            G.requires_grad_(net_name == 'G')
-            D.requires_grad_(net_name == 'D')
-            module, opt = (G if net_name == 'G' else D), opts[net_name]
-            opt.zero_grad(set_to_none=True)
-            gen_z = torch.randn([c.batch, G.z_dim], generator=gen, device=device)
-            gen_c = labels[torch.randint(len(dataset), [c.batch], generator=gen, device=device)]
-            loss.accumulate_gradients(phase, real_img, real_c, gen_z, gen_c, gain=interval, generator=gen)
-            for param in module.parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-            opt.step()
-
-        # EMA of G's parameters; buffers (w_avg, noise_const) are copied.
-        ema_nimg = c.ema_kimg * 1000
-        if c.ema_rampup is not None:
-            ema_nimg = min(ema_nimg, cur_nimg * c.ema_rampup)
-        beta = 0.5 ** (c.batch / max(ema_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
-            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-                b_ema.copy_(b)
-
-        cur_nimg += c.batch
-        iteration += 1
-        bar.update(min(cur_nimg, total_nimg) - bar.n)
-        if cur_nimg < total_nimg and cur_nimg < tick_start_nimg + c.tick * 1000:
-            continue
-
-        # End of a tick.
-        now = time.time()
-        training_stats.report0('Progress/kimg', cur_nimg / 1000)
-        training_stats.report0('Timing/sec_per_kimg', (now - tick_start_time) / max((cur_nimg - tick_start_nimg) / 1000, 1e-8))
-        collector.update()
-        stats = collector.as_dict()
-        with open(os.path.join(run_dir, 'stats.jsonl'), 'a', encoding='utf-8') as f:
-            f.write(json.dumps(dict(stats, timestamp=now)) + '\n')
-        bar.set_postfix(G=f"{collector.mean('Loss/G/loss'):.3f}", D=f"{collector.mean('Loss/D/loss'):.3f}")
-        tqdm.write(f'tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} G {collector.mean("Loss/G/loss"):.3f} '
-                   f'D {collector.mean("Loss/D/loss"):.3f} time {dnnlib.util.format_time(now - start_time)}')
-        cur_tick += 1
-        if cur_nimg >= total_nimg or cur_tick % c.snap == 0:
-            save_snapshot()
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    bar.close()
+            stats = run.end_tick()
+            run.log(f'tick {run.cur_tick - 1:<4d} kimg {run.cur_nimg / 1000:<8.2f} G {stats["Loss/G/loss"].mean:.3f} '
+                    f'D {stats["Loss/D/loss"].mean:.3f} time {dnnlib.util.format_time(run.elapsed())}')
+            if run.snapshot_due:
+                save_snapshot()
+    finally:
+        run.close()
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def next_run_dir(outdir: str, desc: str) -> str:
-    """`outdir/NNNNN-desc`, numbered after the existing runs; never an existing directory."""
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else []))
-           if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
 @click.command(epilog='''\b
@@ -240,16 +195,15 @@ def main(data, outdir, resume, dry_run, threads, **kwargs):
     """Train a StyleGAN2 generator (and discriminator) on a dataset made by dataset_tool.py."""
     if resume:
         run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume)
-        with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
-            c = dnnlib.EasyDict(json.load(f))
         try:
+            c = load_options(run_dir)
             resume_state = latest_training_state(resume, required=True)
-        except FileNotFoundError as err:
-            raise click.ClickException(str(err)) from None
+        except (ValueError, FileNotFoundError) as err:
+            raise click.ClickException(f'--resume {err}' if isinstance(err, ValueError) else str(err)) from None
         if click.get_current_context().get_parameter_source('kimg') == click.core.ParameterSource.COMMANDLINE:
-            c.kimg = kwargs['kimg']  # Extends (or shortens) the run; recorded below.
-            with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
-                json.dump(c, f, indent=2)
+            c.kimg = kwargs['kimg']  # Extends (or shortens) the run; recorded in its options.
+            if not dry_run:
+                save_options(run_dir, c)
     else:
         if data is None:
             raise click.UsageError('--data is required (or --resume to continue a run)')
@@ -259,19 +213,29 @@ def main(data, outdir, resume, dry_run, threads, **kwargs):
         c.training_set_kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                      use_labels=kwargs['cond'], max_size=None, xflip=False)
         c.progress = True
-        desc = os.path.splitext(os.path.basename(os.path.normpath(data)))[0] + ('-cond' if kwargs['cond'] else '')
-        run_dir, resume_state = next_run_dir(outdir, desc), None
+        resume_state = None
     print(json.dumps(c, indent=2))
     if dry_run:
         return
     if threads:
         torch.set_num_threads(threads)
+    if resume_state is None and c.init:  # Refuse a pickle that does not fit before making a run directory.
+        dataset = dnnlib.util.construct_class_by_name(**c.training_set_kwargs)
+        G, D = build_networks(c, dataset.resolution, dataset.num_channels, dataset.label_dim if c.cond else 0)
+        init_weights(c.init, dict(G=G, D=D, G_ema=copy.deepcopy(G)))
     if resume_state is None:
-        os.makedirs(run_dir)
-        with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
-            json.dump(c, f, indent=2)
+        desc = os.path.splitext(os.path.basename(os.path.normpath(data)))[0] + ('-cond' if c.cond else '')
+        try:
+            run_dir = new_run_dir(outdir, desc)
+        except dnnlib.util.RunDirError as err:
+            raise click.ClickException(f'--outdir: {err}') from None
+        save_options(run_dir, c)
     print(f'Run directory: {run_dir}')
-    training_loop(run_dir, c, resume_state)
+    try:
+        training_loop(run_dir, c, resume_state)
+    except KeyboardInterrupt as err:
+        print(f'Interrupted: {err}', file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import torch
 import tqdm
 
 import dnnlib
-from teachers.dataset import ImageFolderDataset
+from training.dataset import ImageFolderDataset
 from .detectors import Detector
 from .feature_stats import FeatureStats, STATS_FORMAT
 from .images import generator_output_to_uint8

@@ -3,7 +3,7 @@
 * `load(name_or_path_or_url)`: official EDM pickles by short name (`OFFICIAL`), any path or URL.
 * `networks`: SongUNet (DDPM++/NCSN++), DhariwalUNet (ADM), EDMPrecond / VPPrecond / VEPrecond / iDDPMPrecond.
 * `loss`: EDM's denoising losses; `sampling`: Heun/Euler samplers and per-seed generation.
-* `analytic`: exact Gaussian-mixture teachers; `dataset`: the image dataset class.
+* `analytic`: exact Gaussian-mixture teachers.
 """
 
 from .analytic import GaussianMixture, grid25, ring8

@@ -2,28 +2,23 @@
 upstream-layout snapshots `dict(ema, loss_fn, augment_pipe, dataset_kwargs)`, and exactly resumable state.
 
 Built for CPUs as much as GPUs: the dataset is held in memory as uint8 and batches are indexed from it (no
-loader processes, no per-step host syncs), and every random draw comes from state that is checkpointed (the
-global torch RNG for noise levels, noise and dropout; a separate generator for the data order), so a resumed
-run continues bit for bit as if it had not stopped.
+loader processes, no per-step host syncs). Noise levels, noise and dropout of each step follow (seed, step) and
+the data order a checkpointed sampler, so a resumed run continues bit for bit as if it had not stopped. The run
+directory, ticks, statistics and Ctrl-C come from `training.run`.
 """
 
 import copy
-import json
 import os
 import pickle
-import signal
-import threading
-import time
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import dnnlib
 from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
-from torch_utils.run_files import atomic_write, kimg_label
+from training.run import Run, atomic_write, counter_generator, ema_beta, kimg_label, update_ema
 
 from .load import TeacherLoadError, load as load_teacher
 from .sampling import StackedRandomGenerator, edm_sampler
@@ -78,16 +73,12 @@ def training_loop(
     """Train and return the final `dict(ema=..., ...)` snapshot content.
 
     On SIGINT (Ctrl-C) the current step is finished, a snapshot and the training state are saved, and
-    KeyboardInterrupt is raised.
+    KeyboardInterrupt is raised. Each step's randomness (noise levels, noise, dropout) follows (seed, step).
     """
     device = torch.device(device)
-    state_ticks = state_ticks if state_ticks is not None else snapshot_ticks
-    torch.manual_seed(seed)
-
-    def log(message: str) -> None:
-        tqdm.write(message)
-        with open(os.path.join(run_dir, 'log.txt'), 'a', encoding='utf-8') as f:
-            f.write(message + '\n')
+    run = Run(run_dir, total_kimg, kimg_per_tick, snapshot_ticks, batch_size, state_ticks=state_ticks,
+              progress=progress, desc='train_teacher')
+    torch.manual_seed(seed)  # The initial weights.
 
     # Data, held in memory.
     dataset = dnnlib.util.construct_class_by_name(**dict(dataset_kwargs, xflip=False))
@@ -95,8 +86,8 @@ def training_loop(
     images_u8 = torch.from_numpy(images_u8).to(device)
     labels = torch.from_numpy(labels_np).to(device) if dataset.label_dim else None
     label_dim = dataset.label_dim if dataset_kwargs.get('use_labels') else 0
-    log(f'Dataset {dataset_kwargs["path"]}: {len(dataset)} images {dataset.image_shape}, label_dim {label_dim}, '
-        f'{images_u8.numel() / 2 ** 20:.1f} MiB in memory')
+    run.log(f'Dataset {dataset_kwargs["path"]}: {len(dataset)} images {dataset.image_shape}, label_dim {label_dim}, '
+            f'{images_u8.numel() / 2 ** 20:.1f} MiB in memory')
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, device=device)
 
     # Networks, loss, optimizer.
@@ -107,140 +98,83 @@ def training_loop(
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     base_lrs = [group['lr'] for group in optimizer.param_groups]
-    log(f'Network {type(net).__name__}({network_kwargs.get("model_type")}): '
-        f'{sum(p.numel() for p in net.parameters()):,} parameters')
+    run.log(f'Network {type(net).__name__}({network_kwargs.get("model_type")}): '
+            f'{sum(p.numel() for p in net.parameters()):,} parameters')
 
     if init_pkl is not None and resume_state is None:
         init_from_pickle(init_pkl, net)
         ema.load_state_dict(net.state_dict())
-        log(f'Initialised the network and its EMA from {init_pkl}')
+        run.log(f'Initialised the network and its EMA from {init_pkl}')
 
-    cur_nimg, cur_tick = 0, 0
     if resume_state is not None:
-        state = torch.load(resume_state, map_location='cpu', weights_only=True)  # RNG states must stay on the CPU.
+        state = torch.load(resume_state, map_location='cpu', weights_only=True)
         try:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
             optimizer.load_state_dict(state['optimizer'])
+            sampler.load_state_dict(state['sampler'])
+            run.load_state_dict(state['run'])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f'--resume {resume_state}: does not match this network/optimizer '
                              f'({" ".join(str(err).split())[:300]})') from None
-        sampler.load_state_dict(state['sampler'])
-        torch.set_rng_state(state['torch_rng'])
-        if device.type == 'cuda' and state.get('cuda_rng') is not None:
-            torch.cuda.set_rng_state(state['cuda_rng'], device)
-        cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
-        log(f'Resumed from {resume_state} at {cur_nimg / 1000:g} kimg')
+        run.log(f'Resumed from {resume_state} at {run.cur_nimg / 1000:g} kimg')
 
     def snapshot_data() -> dict:
         return dict(ema=copy.deepcopy(ema).cpu(), loss_fn=copy.deepcopy(loss_fn), augment_pipe=None,
                     dataset_kwargs=dict(dataset_kwargs))
 
     def save_snapshot() -> None:
-        label = kimg_label(cur_nimg)
+        label = kimg_label(run.cur_nimg)
         data = snapshot_data()
         atomic_write(os.path.join(run_dir, f'network-snapshot-{label}.pkl'), lambda f: pickle.dump(data, f))
         if grid_size > 0:
-            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-                fakes = sample_grid(ema, grid_size, label_dim, grid_steps, device)
+            fakes = sample_grid(ema, grid_size, label_dim, grid_steps, device)
             save_image_grid(fakes, os.path.join(run_dir, f'fakes{label}.png'))
 
     def save_state() -> None:
         state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                     sampler=sampler.state_dict(), torch_rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-                     cur_nimg=cur_nimg, cur_tick=cur_tick)
-        atomic_write(os.path.join(run_dir, f'training-state-{kimg_label(cur_nimg)}.pt'), lambda f: torch.save(state, f))
+                     sampler=sampler.state_dict(), run=run.state_dict())
+        atomic_write(os.path.join(run_dir, f'training-state-{kimg_label(run.cur_nimg)}.pt'), lambda f: torch.save(state, f))
 
-    if grid_size > 0 and resume_state is None:
-        reals = images_u8[:grid_size].to(torch.float32) / 127.5 - 1
-        save_image_grid(reals, os.path.join(run_dir, 'reals.png'))
+    if resume_state is None:
+        if grid_size > 0:
+            save_image_grid(images_u8[:grid_size].to(torch.float32) / 127.5 - 1, os.path.join(run_dir, 'reals.png'))
+        if snapshot_ticks:
+            save_snapshot()
 
-    # Ctrl-C finishes the current step, then saves everything (a second Ctrl-C aborts at once).
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        stop_requested.append(signum)
-        signal.signal(signal.SIGINT, previous_handler)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
-
-    collector = training_stats.Collector(regex='.*')
-    total_nimg = int(round(total_kimg * 1000))
-    tick_start_nimg, tick_start_time, start_time = cur_nimg, time.time(), time.time()
-    if resume_state is None and snapshot_ticks:
-        save_snapshot()
-    stats_path = os.path.join(run_dir, 'stats.jsonl')
-    bar = tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', unit_scale=True, desc='train_teacher',
-               disable=not progress, mininterval=1.0, smoothing=0.1)
     try:
-        while True:
-            done = cur_nimg >= total_nimg or bool(stop_requested)
-            if not done:
-                # One optimisation step on a batch held in memory.
-                idx = sampler.next_batch()
-                images = images_u8[idx].to(torch.float32).div_(127.5).sub_(1)
-                if xflip:
-                    flips = sampler.draw_flips()
-                    images = torch.where(flips[:, None, None, None], images.flip(3), images)
-                batch_labels = labels[idx] if label_dim else None
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(net=net, images=images, labels=batch_labels)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_size).backward()
+        while not run.done:
+            # One optimisation step on a batch held in memory.
+            counter_generator(device, seed, run.cur_nimg // batch_size)
+            idx = sampler.next_batch()
+            images = images_u8[idx].to(torch.float32).div_(127.5).sub_(1)
+            if xflip:
+                flips = sampler.draw_flips()
+                images = torch.where(flips[:, None, None, None], images.flip(3), images)
+            batch_labels = labels[idx] if label_dim else None
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net=net, images=images, labels=batch_labels)
+            training_stats.report('Loss/loss', loss)
+            loss.sum().mul(loss_scaling / batch_size).backward()
 
-                ramp = min(cur_nimg / (lr_rampup_kimg * 1000), 1) if lr_rampup_kimg > 0 else 1
-                for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                    group['lr'] = base_lr * ramp
-                for param in net.parameters():
-                    if param.grad is not None:
-                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-                optimizer.step()
+            ramp = min(run.cur_nimg / (lr_rampup_kimg * 1000), 1) if lr_rampup_kimg > 0 else 1
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group['lr'] = base_lr * ramp
+            for param in net.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            optimizer.step()
+            update_ema(ema, net, ema_beta(batch_size, run.cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
 
-                ema_halflife_nimg = ema_halflife_kimg * 1000
-                if ema_rampup_ratio is not None:
-                    ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-                ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-                with torch.no_grad():
-                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-
-                cur_nimg += batch_size
-                bar.update(min(cur_nimg, total_nimg) - bar.n)
-                done = cur_nimg >= total_nimg or bool(stop_requested)
-                if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
-                    continue
-
-            # End of a tick: statistics, then snapshots.
-            now = time.time()
-            tick_kimg = (cur_nimg - tick_start_nimg) / 1000
-            sec_per_kimg = (now - tick_start_time) / max(tick_kimg, 1e-8)
-            training_stats.report0('Progress/tick', cur_tick)
-            training_stats.report0('Progress/kimg', cur_nimg / 1000)
-            training_stats.report0('Timing/sec_per_tick', now - tick_start_time)
-            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-            training_stats.report0('Timing/total_sec', now - start_time)
-            collector.update()
-            loss_mean = collector.mean('Loss/loss')
-            log(f'tick {cur_tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {loss_mean:<8.4f} sec/kimg {sec_per_kimg:<8.2f} '
-                f'time {dnnlib.util.format_time(now - start_time)}')
-            bar.set_postfix(loss=f'{loss_mean:.4f}', tick=cur_tick)
-            with open(stats_path, 'a', encoding='utf-8') as f:
-                f.write(json.dumps(dict(collector.as_dict(), timestamp=now)) + '\n')
-
-            cur_tick += 1
-            if done or (snapshot_ticks and cur_tick % snapshot_ticks == 0):
+            if not run.advance(batch_size):
+                continue
+            stats = run.end_tick()
+            run.log(f'tick {run.cur_tick - 1:<5d} kimg {run.cur_nimg / 1000:<9.3f} loss {stats["Loss/loss"].mean:<8.4f} '
+                    f'sec/kimg {stats["Timing/sec_per_kimg"].mean:<8.2f} time {dnnlib.util.format_time(run.elapsed())}')
+            if run.snapshot_due:
                 save_snapshot()
-            if done or (state_ticks and cur_tick % state_ticks == 0):
+            if run.state_due:
                 save_state()
-            tick_start_nimg, tick_start_time = cur_nimg, time.time()
-            if done:
-                break
     finally:
-        bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-    if stop_requested:
-        log(f'Stopped at {cur_nimg / 1000:g} kimg; resume with --resume={run_dir}')
-        raise KeyboardInterrupt(f'training stopped at {cur_nimg / 1000:g} kimg; state saved in {run_dir}')
+        run.close()
     return snapshot_data()

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import train_stylegan2
 from stylegan2.pickles import load_network_pkl
-from torch_utils.run_files import latest_training_state
+from training.run import latest_training_state
 
 TINY = ['--cond=1', '--batch=8', '--z-dim=8', '--map=1', '--cbase=64', '--cmax=8', '--mbstd=2', '--gamma=0.1',
         '--grid=4', '--threads=1']
@@ -28,7 +28,7 @@ def test_resume_matches_a_straight_run(tmp_path, dataset_zip):
     assert result.exit_code == 0, result.output
     state = lambda run: torch.load(latest_training_state(run), weights_only=True)
     a, b = state(full), state(stopped)
-    assert a['cur_nimg'] == b['cur_nimg'] == 32
+    assert a['run']['cur_nimg'] == b['run']['cur_nimg'] == 32
     for key in ('G', 'D', 'G_ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
@@ -47,3 +47,4 @@ def test_init_copies_every_network_and_refuses_a_different_architecture(tmp_path
                                                        '--cmax=16', f'--init={snapshot}'])
     errors = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert result.exit_code != 0 and len(errors) == 1 and 'does not match the architecture' in errors[0], result.output
+    assert not os.path.exists(tmp_path / 'c')

@@ -18,6 +18,7 @@ import teachers
 import train_teacher
 from teachers.loss import EDMLoss
 from training.dataset import ImageFolderDataset
+from training.run import latest_training_state
 
 
 TINY = ['--cond=1', '--arch=ddpmpp', '--cbase=8', '--cres=1,1', '--blocks=1', '--attn=4', '--batch=16', '--lr=1e-2',
@@ -31,8 +32,8 @@ def train(outdir, data, *args):
 
 
 def final_state(run_dir):
-    states = sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))
-    return torch.load(states[-1], weights_only=True)
+    state = torch.load(latest_training_state(run_dir), weights_only=True)
+    return dict(state, cur_nimg=state['run']['cur_nimg'])
 
 
 @torch.no_grad()

@@ -1,1 +1,2 @@
-"""Import paths that upstream pickles record (e.g. `training.dataset.ImageFolderDataset`)."""
+"""Training data and the run layer every trainer shares (`training.dataset.ImageFolderDataset` is also the
+class name upstream pickles record)."""
