@@ -24,7 +24,7 @@ import torch
 
 import dnnlib
 from teachers.training_loop import init_from_pickle, training_loop
-from torch_utils.run_files import latest_training_state
+from training.run import latest_training_state, new_run_dir, save_options
 from training.dataset import ImageFolderDataset
 
 ARCHS = {
@@ -44,15 +44,6 @@ def parse_int_list(value):
     if not re.fullmatch(r'\s*\d+(\s*,\s*\d+)*\s*', value):
         raise click.BadParameter(f'expected comma-separated integers such as 1,2,2, got {value!r}')
     return [int(v) for v in value.split(',')]
-
-
-def new_run_dir(outdir: str, desc: str) -> str:
-    """`<outdir>/<next id>-<desc>`, created here; never an existing directory."""
-    os.makedirs(outdir, exist_ok=True)
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)', name) for name in os.listdir(outdir)) if m]
-    run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-    os.makedirs(run_dir, exist_ok=False)
-    return run_dir
 
 
 def build_options(data, cond, arch, precond, cbase, cres, blocks, attn, dropout, label_dropout, batch, lr, ema,
@@ -173,9 +164,11 @@ def main(outdir, desc, init, resume, threads, progress, dry_run, **kwargs):
         print('Dry run; exiting.')
         return
 
-    run_dir = new_run_dir(outdir, run_desc)
-    with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
-        json.dump(dict(opts, resume_state=resume_state, run_dir=run_dir), f, indent=2)
+    try:
+        run_dir = new_run_dir(outdir, run_desc)
+    except dnnlib.util.RunDirError as err:
+        raise click.ClickException(f'--outdir: {err}') from None
+    save_options(run_dir, dict(opts, resume_state=resume_state, run_dir=run_dir))
     print(f'Run directory: {run_dir}', file=sys.stderr)
     try:
         training_loop(run_dir=run_dir, resume_state=resume_state, progress=progress, **opts)
