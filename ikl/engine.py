@@ -30,129 +30,25 @@ accumulating N rounds of b.
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import pickle
-import time
 from typing import Callable, Dict, Optional, Union
 
-import numpy as np
 import torch
 
-import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import training_stats
-from torch_utils.run_files import atomic_write, kimg_label, latest_training_state
+from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, latest_training_state, update_ema
 
 from .adapters import GeneratorAdapter
-from .divergences import Divergence, autocast, dsm_from_forward, edm_dsm_loss, make_divergence
+from .divergences import autocast, dsm_from_forward, edm_dsm_loss
 from .images import save_preview
-from .sigmas import LogNormal, make_sigma_distribution
+from .options import AMP_DTYPES, TrainingOptions, build_divergence
+from .sigmas import LogNormal
 
 # ----------------------------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class TrainingOptions:
-    """Every knob of the engine, JSON-serialisable. Defaults reproduce the official Diff-Instruct settings."""
-
-    # Duration and batch.
-    total_kimg: float = 10000.0     # Generator samples to train on, in thousands.
-    batch: int = 128                # Global batch per iteration (generator samples).
-    batch_gpu: Optional[int] = None  # Samples per process per accumulation round (None: batch / world size).
-    # The divergence and its noise levels.
-    divergence: str = 'ikl'         # ikl | sds | sid
-    sigma: str = 'lognormal'        # lognormal | karras | fixed  (ikl.sigmas)
-    P_mean: float = -1.2            # lognormal: mean of ln(sigma).
-    P_std: float = 1.2              # lognormal: std of ln(sigma).
-    sigma_min: float = 0.002        # karras: schedule range and shape...
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    karras_steps: int = 1000
-    t_min: float = 0.0              # karras: sub-range of the schedule, 0 = sigma_max end, 1 = sigma_min end.
-    t_max: float = 1.0
-    sigma_fixed: float = 0.002      # fixed: the single sigma (small: the t = 0 limit, i.e. plain KL).
-    weighting: str = 'denoiser'     # denoiser (official: unit weight on D_fake - D_teacher) | score
-    normalize: bool = False         # Divide each sample's update by mean|x0 - D_teacher| (DMD-style).
-    sid_alpha: float = 1.2          # sid: alpha of the Fisher-divergence loss.
-    # The fake score (EDM denoising score matching on generator samples).
-    fake_steps: int = 1             # Fake-score updates per generator update.
-    fake_warmup_kimg: float = 0.0   # First fit the fake score alone on this many thousand generator samples (0: none).
-    fake_P_mean: float = -1.2
-    fake_P_std: float = 1.2
-    sigma_data: float = 0.5
-    # Optimisers.
-    g_lr: float = 1e-5
-    fake_lr: float = 1e-5
-    betas: tuple = (0.0, 0.999)
-    adam_eps: float = 1e-8
-    lr_warmup_kimg: float = 0.0     # Linear ramp of both learning rates (0: none).
-    lr_rampdown_kimg: float = 0.0   # Cosine ramp of both learning rates to zero over the last N kimg (0: none).
-    g_loss_scale: float = 1.0       # Static multipliers (official --ls / --sgls).
-    fake_loss_scale: float = 1.0
-    # EMA of the generator.
-    ema_halflife_kimg: float = 500.0
-    ema_rampup_ratio: Optional[float] = 0.05
-    # Execution.
-    schedule: str = 'reuse'         # reuse (one generator forward per iteration) | official (an extra no-grad pass)
-    fake_forward: str = 'shared'    # shared (DSM reuses the generator step's fake forward when the sigma laws agree) | separate
-    step_dropout: bool = True       # Teacher and fake in train mode (dropout, same masks) in the generator step, as upstream;
-                                    # off: both in eval mode (then a shared DSM forward is dropout-free too).
-    precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling). Networks with their
-                                    # own `use_fp16` (EDM, StyleGAN2) skip autocast; for fp16 the teacher's, the fake's
-                                    # and the adapter's direct children's `use_fp16` is switched on (fp16 on CUDA only).
-    loss_scale_init: float = 2.0 ** 15
-    loss_scale_growth_interval: int = 1000
-    seed: int = 0
-    # Reporting.
-    tick_kimg: float = 10.0
-    snapshot_ticks: Optional[int] = 50   # Network pickle and training state every N ticks (None: only at the end).
-    image_ticks: Optional[int] = 50      # Preview PNG every N ticks (None: only at the end).
-    grid_size: int = 64                  # Samples in the preview.
-    tensorboard: bool = True             # Only used if tensorboard is installed.
-    progress: bool = True                # tqdm bar with kimg/s and ETA on rank 0.
-
-    @classmethod
-    def from_dict(cls, values: Union[Dict, 'TrainingOptions']) -> 'TrainingOptions':
-        if isinstance(values, cls):
-            return copy.deepcopy(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f'training options: unknown option(s) {unknown}; known: {sorted(known)}')
-        opts = cls(**values)
-        opts.betas = tuple(opts.betas)
-        return opts
-
-    def to_dict(self) -> dnnlib.EasyDict:
-        return dnnlib.EasyDict(dataclasses.asdict(self))
-
-    def check(self, world_size: int) -> None:
-        batch_gpu = self.batch_gpu or self.batch // world_size
-        if self.batch <= 0 or batch_gpu <= 0 or self.batch % (batch_gpu * world_size) != 0:
-            raise ValueError(f'training options: batch={self.batch} must be a positive multiple of batch_gpu={batch_gpu} '
-                             f'x world size {world_size}')
-        choices = dict(schedule=('reuse', 'official'), precision=('fp32', 'bf16', 'fp16'), fake_forward=('shared', 'separate'))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
-        if (self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0
-                or min(self.fake_warmup_kimg, self.lr_warmup_kimg, self.lr_rampdown_kimg) < 0):
-            raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg, '
-                             'lr_warmup_kimg, lr_rampdown_kimg >= 0 are required')
-
-
-def build_divergence(opts: TrainingOptions) -> Divergence:
-    kwargs = dict(lognormal=dict(P_mean=opts.P_mean, P_std=opts.P_std),
-                  karras=dict(sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
-                              num_steps=opts.karras_steps, t_min=opts.t_min, t_max=opts.t_max),
-                  fixed=dict(sigma=opts.sigma_fixed)).get(opts.sigma, {})
-    sigma = make_sigma_distribution(opts.sigma, **kwargs)
-    return make_divergence(opts.divergence, sigma, opts.weighting, opts.normalize, opts.sid_alpha, _AMP[opts.precision])
-
-
-_AMP = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -214,7 +110,7 @@ class Trainer:
         self.on_snapshot = on_snapshot  # on_snapshot(trainer, snapshot_path or None): e.g. metrics, on rank 0.
         self.batch_gpu = self.opts.batch_gpu or self.opts.batch // self.world
         self.rounds = self.opts.batch // (self.batch_gpu * self.world)
-        self.amp = _AMP[self.opts.precision]
+        self.amp = AMP_DTYPES[self.opts.precision]
 
         self.divergence = build_divergence(self.opts)
         self.fake_sigma = LogNormal(self.opts.fake_P_mean, self.opts.fake_P_std)
@@ -255,9 +151,7 @@ class Trainer:
 
     def _seed(self, purpose: int, round_idx: int) -> int:
         """A 63-bit seed for one (iteration, purpose, global chunk)."""
-        chunk = round_idx * self.world + self.rank
-        words = np.random.SeedSequence([self.opts.seed, self.iteration, purpose, chunk]).generate_state(2, np.uint32)
-        return (int(words[0]) << 31 | int(words[1])) & (2 ** 63 - 1)
+        return counter_seed(self.opts.seed, self.iteration, purpose, round_idx * self.world + self.rank)
 
     def _rng(self, purpose: int, round_idx: int) -> torch.Generator:
         """Generator for one chunk; also reseeds torch's global RNG so dropout is reproducible."""
@@ -372,16 +266,9 @@ class Trainer:
             if self.fake_fits:
                 self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
         o = self.opts
-        ema_nimg = o.ema_halflife_kimg * 1000
-        if o.ema_rampup_ratio is not None:
-            ema_nimg = min(ema_nimg, self.cur_nimg * o.ema_rampup_ratio)
-        beta = 0.5 ** (o.batch / max(ema_nimg, 1e-8))
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.adapter.parameters()], 1.0 - beta)
-        for b_ema, b in zip(self.ema.buffers(), self.adapter.buffers()):
-            b_ema.copy_(b)
+        update_ema(self.ema, self.adapter, ema_beta(o.batch, self.cur_nimg, o.ema_halflife_kimg, o.ema_rampup_ratio))
 
     def step(self) -> None:
         """One iteration: generator update, fake-score update(s), EMA (order per `schedule`). During the fake-score
@@ -475,7 +362,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------
 
     def run(self, resume: Optional[str] = None) -> None:
-        """Train to `total_kimg`. `resume`: a training-state path, 'auto' (latest in run_dir, if any) or None."""
+        """Train to `total_kimg`. `resume`: a training-state path, 'auto' (latest in run_dir, if any) or None.
+        Ctrl-C finishes the step, saves a snapshot and the state, and raises KeyboardInterrupt."""
         o = self.opts
         if resume == 'auto':
             resume = latest_training_state(self.run_dir)
@@ -484,74 +372,35 @@ class Trainer:
             dist.print0(f'Resuming from {resume} at {self.cur_nimg / 1000:.1f} kimg')
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, 'ikl_options.json'), 'wt') as f:
-                json.dump(dict(o.to_dict(), batch_gpu=self.batch_gpu, world_size=self.world), f, indent=2)
             if self.cur_nimg == 0:
                 self.save_preview('fakes_init.png')
                 if self.on_snapshot is not None:
                     self.on_snapshot(self, None)  # The starting point, for before/after comparisons.
-        stats_file = open(os.path.join(self.run_dir, 'stats.jsonl'), 'at') if self.rank == 0 else None
-        tb_writer = self._tensorboard() if self.rank == 0 and o.tensorboard else None
-        collector = training_stats.Collector(regex='.*')
-        total_nimg = int(o.total_kimg * 1000)
-        bar = self._progress_bar(total_nimg)
-        tick_start_time = time.time()
+        clock = Run(self.run_dir, o.total_kimg, o.tick_kimg, o.snapshot_ticks, o.batch, progress=o.progress,
+                    desc='ikl', tensorboard=o.tensorboard, log_file=False, rank=self.rank, world_size=self.world)
+        clock.load_state_dict(dict(cur_nimg=self.cur_nimg, cur_tick=self.cur_tick, tick_start_nimg=self.tick_start_nimg))
         try:
-            while self.cur_nimg < total_nimg:
+            while not clock.done:
                 self.step()
-                if bar is not None:
-                    bar.update(self.cur_nimg / 1000 - bar.n)  # exact position, no drift
-                done = self.cur_nimg >= total_nimg
-                if not done and self.cur_nimg < self.tick_start_nimg + o.tick_kimg * 1000:
+                if not clock.advance(o.batch):
                     continue
-                tick_kimg = (self.cur_nimg - self.tick_start_nimg) / 1000
-                training_stats.report0('Progress/tick', self.cur_tick)
-                training_stats.report0('Progress/kimg', self.cur_nimg / 1000)
                 training_stats.report0('Progress/loss_scale_G', self.g_scaler.scale)
                 training_stats.report0('Progress/skipped_total_G', self.g_scaler.skipped)
-                training_stats.report0('Timing/sec_per_kimg', (time.time() - tick_start_time) / max(tick_kimg, 1e-8))
-                collector.update()
-                if stats_file is not None:
-                    stats_file.write(json.dumps(dict(collector.as_dict(), timestamp=time.time())) + '\n')
-                    stats_file.flush()
-                if tb_writer is not None:
-                    for name, value in collector.as_dict().items():
-                        tb_writer.add_scalar(name, value.mean, global_step=int(self.cur_nimg / 1e3))
-                    tb_writer.flush()
-                if bar is None:
-                    fake_loss = f"fake_loss {collector['Loss/fake_score']:<8.4g} " if self.fake_fits else ''
-                    dist.print0(f'tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
-                                f"sec/kimg {collector['Timing/sec_per_kimg']:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
-                self.cur_tick += 1
-                self.tick_start_nimg = self.cur_nimg
-                if done or (o.snapshot_ticks and self.cur_tick % o.snapshot_ticks == 0):
+                stats = clock.end_tick()
+                self.cur_tick, self.tick_start_nimg = clock.cur_tick, clock.tick_start_nimg
+                if not o.progress:
+                    fake_loss = f"fake_loss {stats['Loss/fake_score'].mean:<8.4g} " if self.fake_fits else ''
+                    clock.log(f'tick {self.cur_tick - 1:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
+                              f"sec/kimg {stats['Timing/sec_per_kimg'].mean:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
+                if clock.snapshot_due:
                     self.save_snapshot()
                     self.save_state()
-                if done or (o.image_ticks and self.cur_tick % o.image_ticks == 0):
+                if clock.done or (o.image_ticks and self.cur_tick % o.image_ticks == 0):
                     self.save_preview(f'fakes{kimg_label(self.cur_nimg)}.png')
-                tick_start_time = time.time()
         finally:
-            if bar is not None:
-                bar.close()
-            if stats_file is not None:
-                stats_file.close()
-            if tb_writer is not None:
-                tb_writer.close()
+            clock.close()
 
-    def _progress_bar(self, total_nimg: int):
-        if self.rank != 0 or not self.opts.progress:
-            return None
-        import tqdm
-        batch = self.opts.batch
-        return tqdm.tqdm(total=(-(-total_nimg // batch) * batch) / 1000, initial=self.cur_nimg / 1000, unit='kimg',
-                         dynamic_ncols=True, bar_format='{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}, {rate_fmt}]')
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(self.run_dir)
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def train(adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],

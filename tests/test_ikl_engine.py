@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ikl  # noqa: E402
 from ikl.toy import EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import ring8  # noqa: E402
+from training.run import latest_training_state  # noqa: E402
 
 
 OPTS = dict(total_kimg=0.32, batch=32, batch_gpu=16, g_lr=1e-3, fake_lr=1e-3, lr_warmup_kimg=0.1, ema_halflife_kimg=0.05,
@@ -62,7 +63,7 @@ def test_resume_after_interruption_is_exact(tmp_path, fake_kind):
 
     with pytest.raises(KeyboardInterrupt):
         ikl.train(copy.deepcopy(adapter), teacher, copy.deepcopy(fake), OPTS, str(tmp_path / 'b'), snapshot_fn=interrupting_snapshot)
-    assert os.path.basename(ikl.latest_training_state(str(tmp_path / 'b'))) == 'training-state-000000.128.pt'
+    assert os.path.basename(latest_training_state(str(tmp_path / 'b'))) == 'training-state-000000.128.pt'
     assert len(glob.glob(str(tmp_path / 'b' / '*.tmp*'))) == 0
     # A fresh process would rebuild the networks from scratch (different initial weights) and resume.
     torch.manual_seed(123)
@@ -90,7 +91,7 @@ def test_empirical_fake_score_is_handed_the_generator_step_samples(tmp_path, cap
     assert torch.equal(stored, want)
     trainer.run()
     assert 'fake_loss' not in capsys.readouterr().out
-    assert 'fake_opt' not in torch.load(ikl.latest_training_state(str(tmp_path)), weights_only=False)
+    assert 'fake_opt' not in torch.load(latest_training_state(str(tmp_path)), weights_only=False)
 
 
 def _ddp_worker(outdir, fake_kind):
@@ -111,9 +112,9 @@ def test_two_processes_match_one(tmp_path, fake_kind):
            os.path.abspath(__file__), str(tmp_path / 'two'), fake_kind]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(ikl.latest_training_state(str(tmp_path / 'two')), weights_only=False)
+    state = torch.load(latest_training_state(str(tmp_path / 'two')), weights_only=False)
     assert state['world_size'] == 2 and state['counters']['cur_nimg'] == 320
-    want, got = _weights(single), _state_weights(ikl.latest_training_state(str(tmp_path / 'two')))
+    want, got = _weights(single), _state_weights(latest_training_state(str(tmp_path / 'two')))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
