@@ -1,13 +1,14 @@
 """What `refine.py` and `distill.py` share: the engine's command-line options, run directories, and the run itself.
 
 Both scripts are the same engine with different generator adapters, so they take the same training options
-(`engine_options`), write the same run directory (`<outdir>/<NNNNN>-<desc>` with `<name>_options.json`, `log.txt`
+(`engine_options`), write the same run directory (`<outdir>/<NNNNN>-<desc>` with `training_options.json`, `log.txt`
 and the engine's files) and resume the same way (`--resume=<run dir>` reads the saved options back).
 """
 
 import glob
 import json
 import os
+import sys
 from typing import Callable, List, Optional
 
 import click
@@ -15,10 +16,12 @@ import torch
 
 import dnnlib
 from adapters import TeacherSamplerAdapter
-from ikl.engine import TrainingOptions, default_snapshot, train
+from ikl.engine import default_snapshot, train
+from ikl.options import TrainingOptions
 from metrics import GeneratorReference, MetricRunner
 from torch_utils import distributed as dist
-from torch_utils.run_files import kimg_label
+from training.plots import plot_run
+from training.run import atomic_write, kimg_label, save_options, load_options as load_run_options
 
 
 class SetupError(click.ClickException):
@@ -83,12 +86,12 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
 
 def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
     """The options a run was started with (for `--resume`)."""
-    path = os.path.join(run_dir, f'{script}_options.json')
     try:
-        with open(path, encoding='utf-8') as f:
-            c = dnnlib.EasyDict(json.load(f))
-    except (OSError, ValueError) as err:
-        raise SetupError(f'--resume {run_dir}: not a {script}.py run directory ({err})') from None
+        c = load_run_options(run_dir)
+    except ValueError as err:
+        raise SetupError(f'--resume {err}') from None
+    if c.pop('script', None) != script:
+        raise SetupError(f'--resume {run_dir}: not a {script}.py run directory')
     c.pop('resolved', None)
     return c
 
@@ -116,6 +119,12 @@ def summary(run_dir: str, cur_nimg: int) -> str:
         where = 'start' if first.get('snapshot_pkl') is None else os.path.basename(first['snapshot_pkl'])
         for name, value in first['results'].items():
             lines.append(f'  {name}: {value:.4g} at {where} -> {last["results"][name]:.4g} at the end')
+    best_path = os.path.join(run_dir, 'best.json')
+    if os.path.exists(best_path):
+        with open(best_path, encoding='utf-8') as f:
+            best = json.load(f)
+        lines.append(f'  best: {best["metric"]} {best["value"]:.4g} at {best["snapshot"]} '
+                     f'(copied to network-snapshot-best.pkl); curves: curves.png')
     return '\n'.join(lines)
 
 
@@ -140,7 +149,35 @@ def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Cal
         results = runner(to_generator(trainer.ema), snapshot_pkl=snapshot_path)
         where = 'start' if snapshot_path is None else os.path.basename(snapshot_path)
         dist.print0(f'metrics at {where}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
+        if snapshot_path is not None:
+            keep_best(run_dir, snapshot_path, results)
+        plot_run(run_dir)
     return on_snapshot
+
+
+def selection_metric(results: dict) -> Optional[str]:
+    """The first distance among the results (FID/KID or their renamed FD/KD): what `keep_best` minimises."""
+    return next((name for name in results if name.split('_')[0].rstrip('0123456789k') in ('fid', 'kid', 'fd', 'kd')),
+                None)
+
+
+def keep_best(run_dir: str, snapshot_path: str, results: dict) -> None:
+    """Keep `network-snapshot-best.pkl` (and `best.json`) at the snapshot with the lowest selection metric so far.
+    With the default reference (teacher samples) the choice is data-free."""
+    name = selection_metric(results)
+    if name is None:
+        return
+    best_path = os.path.join(run_dir, 'best.json')
+    if os.path.exists(best_path):
+        with open(best_path, encoding='utf-8') as f:
+            best = json.load(f)
+        if best['metric'] == name and best['value'] <= results[name]:
+            return
+    with open(snapshot_path, 'rb') as src:
+        data = src.read()
+    atomic_write(os.path.join(run_dir, 'network-snapshot-best.pkl'), lambda f: f.write(data))
+    record = dict(metric=name, value=results[name], snapshot=os.path.basename(snapshot_path))
+    atomic_write(best_path, lambda f: f.write(json.dumps(record, indent=2).encode('utf-8')))
 
 
 def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, teacher: torch.nn.Module,
@@ -154,15 +191,20 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
             dnnlib.util.make_run_dir(run_dir)
         except dnnlib.util.RunDirError as err:
             raise SetupError(f'--outdir: {err}') from None
-        with open(os.path.join(run_dir, f'{script}_options.json'), 'w', encoding='utf-8') as f:
-            json.dump(c, f, indent=2)
+        save_options(run_dir, dict(c, script=script))
     dist.barrier()
     logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if dist.get_rank() == 0 else None
     try:
         dist.print0(f'{description} -> {run_dir}')
         on_snapshot = metrics_hook(c, teacher, to_generator, run_dir, device) if dist.get_rank() == 0 else None
-        trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
-                        snapshot_fn=snapshot_fn, resume='auto' if resume else None, on_snapshot=on_snapshot)
+        try:
+            trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
+                            snapshot_fn=snapshot_fn, resume='auto' if resume else None, on_snapshot=on_snapshot)
+        except KeyboardInterrupt as err:
+            dist.print0(f'Interrupted: {err}')
+            sys.exit(130)
+        if dist.get_rank() == 0:
+            plot_run(run_dir)
         dist.print0(summary(run_dir, trainer.cur_nimg))
         dist.shutdown()
     finally:

@@ -78,7 +78,7 @@ def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_pat
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(outdir)
     assert f'Done at 0.016 kimg: {run_dir}' in result.output and 'fakes000000.016.png (end)' in result.output
-    options = json.load(open(os.path.join(run_dir, 'refine_options.json')))
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['network'] == files['g16'] and options['kimg'] == 0.016
     for name in ('log.txt', 'stats.jsonl', 'fakes_init.png'):
         assert os.path.isfile(os.path.join(run_dir, name)), name
@@ -128,7 +128,7 @@ def test_refine_resume_continues_exactly(tmp_path, files):
     # Interrupted after 2 iterations, then resumed to 4 with the run's own options.
     assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'b'), '--kimg', '0.008']).exit_code == 0
     run_b = only_run_dir(str(tmp_path / 'b'))
-    options_path = os.path.join(run_b, 'refine_options.json')
+    options_path = os.path.join(run_b, 'training_options.json')
     options = json.load(open(options_path))
     options['kimg'] = 0.016
     json.dump(options, open(options_path, 'w'))
@@ -210,3 +210,28 @@ def test_distill_stylegan2_student_loads_as_upstream_layout(tmp_path, files):
     assert result.exit_code == 0, result.output
     data = load_network_pkl(last_snapshot(only_run_dir(outdir)))
     assert data['G_ema'].img_resolution == 8 and data['D'] is not None
+
+
+def test_best_snapshot_follows_the_lowest_distance_and_curves_are_drawn(tmp_path):
+    run_dir = str(tmp_path)
+    values = [('network-snapshot-000002.pkl', 9.0), ('network-snapshot-000004.pkl', 7.5),
+              ('network-snapshot-000006.pkl', 8.0)]
+    records = [dict(results=dict(fd_x1k=10.0, pr_x1k3_precision=0.5), snapshot_pkl=None)]
+    for name, value in values:
+        path = os.path.join(run_dir, name)
+        open(path, 'wb').write(name.encode())
+        results = dict(pr_x1k3_precision=0.1, fd_x1k=value)
+        trainer_cli.keep_best(run_dir, path, results)
+        records.append(dict(results=results, snapshot_pkl=path))
+    assert trainer_cli.selection_metric(dict(pr50k3_full_precision=1, kid2k_full=2)) == 'kid2k_full'
+    assert open(os.path.join(run_dir, 'network-snapshot-best.pkl'), 'rb').read() == b'network-snapshot-000004.pkl'
+    assert json.load(open(os.path.join(run_dir, 'best.json'))) == dict(metric='fd_x1k', value=7.5,
+                                                                       snapshot='network-snapshot-000004.pkl')
+    (tmp_path / 'metric-fd_x1k.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    (tmp_path / 'stats.jsonl').write_text(''.join(json.dumps({'Progress/kimg': dict(num=1, mean=k),
+                                                              'Loss/fake_score': dict(num=4, mean=1 / k)}) + '\n'
+                                                  for k in (1, 2, 3)))
+    from training.plots import metric_curves, plot_run
+    assert metric_curves(run_dir)['fd_x1k'] == [(0.0, 10.0), (2.0, 9.0), (4.0, 7.5), (6.0, 8.0)]
+    path = plot_run(run_dir)
+    assert path == os.path.join(run_dir, 'curves.png') and os.path.getsize(path) > 1000

@@ -1,0 +1,76 @@
+"""The curves of a run as one PNG: every metric over kimg (from `metric-*.jsonl`) and the training losses (from
+`stats.jsonl`), so a result is read over the whole run rather than at one moment."""
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def metric_curves(run_dir: str) -> Dict[str, List[Tuple[float, float]]]:
+    """{metric: [(kimg, value), ...]} from the run's metric files; the start (no snapshot) is kimg 0."""
+    curves = {}
+    for name in sorted(os.listdir(run_dir)):
+        if not (name.startswith('metric-') and name.endswith('.jsonl')):
+            continue
+        for record in _read_jsonl(os.path.join(run_dir, name)):
+            kimg = record_kimg(record.get('snapshot_pkl'))
+            for metric, value in record['results'].items():
+                curves.setdefault(metric, []).append((kimg, float(value)))
+    return curves
+
+
+def record_kimg(snapshot_pkl: Optional[str]) -> float:
+    """kimg of `network-snapshot-<kimg>.pkl` (0 for the start)."""
+    if snapshot_pkl is None:
+        return 0.0
+    return float(os.path.basename(snapshot_pkl)[len('network-snapshot-'):-len('.pkl')])
+
+
+def plot_run(run_dir: str, losses: Tuple[str, ...] = ('Loss/G/loss', 'Loss/fake_score', 'Loss/loss')) -> Optional[str]:
+    """Write `<run_dir>/curves.png`; returns its path (None when there is nothing to plot yet)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    curves = metric_curves(run_dir)
+    stats_path = os.path.join(run_dir, 'stats.jsonl')
+    ticks = _read_jsonl(stats_path) if os.path.exists(stats_path) else []
+    loss_curves = {}
+    for name in losses:
+        points = [(t['Progress/kimg']['mean'], t[name]['mean']) for t in ticks
+                  if name in t and t[name].get('num', 1) > 0 and np.isfinite(t[name]['mean'])]
+        if points:
+            loss_curves[name] = points
+    panels = [(metric, {metric: points}) for metric, points in curves.items()]
+    if loss_curves:
+        panels.append(('training losses (per tick)', loss_curves))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, points in lines.items():
+            x, y = zip(*points)
+            ax.plot(x, y, marker='o' if len(x) < 40 else None, markersize=3, label=label)
+        if title in curves:
+            x, y = zip(*curves[title])
+            ax.axhline(y[0], color='gray', linestyle=':', linewidth=1, label='start')
+            best = int(np.argmin(y))
+            ax.plot([x[best]], [y[best]], marker='*', markersize=10, color='C3', linestyle='none', label='best')
+        ax.set_title(title)
+        ax.set_xlabel('kimg')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(run_dir, 'curves.png')
+    fig.savefig(path + '.tmp.png', dpi=100)
+    plt.close(fig)
+    os.replace(path + '.tmp.png', path)
+    return path
