@@ -19,6 +19,8 @@ from adapters import TeacherSamplerAdapter
 from ikl.engine import default_snapshot, train
 from ikl.options import TrainingOptions
 from metrics import GeneratorReference, MetricRunner
+from metrics.metric_main import append_jsonl
+from metrics.pixels import pixel_statistics
 from torch_utils import distributed as dist
 from training.plots import plot_run
 from training.run import atomic_write, kimg_label, save_options, load_options as load_run_options
@@ -146,9 +148,12 @@ def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Cal
         raise SetupError(f'--metrics: {err}') from None
 
     def on_snapshot(trainer, snapshot_path: Optional[str]) -> None:
-        results = runner(to_generator(trainer.ema), snapshot_pkl=snapshot_path)
+        generator = to_generator(trainer.ema)
+        results = runner(generator, snapshot_pkl=snapshot_path)
         where = 'start' if snapshot_path is None else os.path.basename(snapshot_path)
-        dist.print0(f'metrics at {where}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
+        pixels = pixel_statistics(generator)
+        append_jsonl(dict(metric='pixels', results=pixels, snapshot_pkl=snapshot_path), run_dir)
+        dist.print0(f'metrics at {where}: ' + ', '.join(f'{k} {v:.4g}' for k, v in {**results, **pixels}.items()))
         if snapshot_path is not None:
             keep_best(run_dir, snapshot_path, results)
         plot_run(run_dir)

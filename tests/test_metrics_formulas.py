@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from metrics import formulas
 from metrics.feature_stats import FeatureStats
@@ -197,3 +198,20 @@ def test_precision_recall_agrees_with_brute_force():
     assert formulas.precision_recall(real, gen, k=3, block=17) == pytest.approx(expected, abs=1e-6)  # float32 mean
     assert formulas.precision_recall(real, real, k=3) == (1.0, 1.0)
     assert formulas.precision_recall(real, real + 100, k=3) == (0.0, 0.0)
+
+
+def test_pixel_statistics_match_a_direct_computation():
+    from metrics.pixels import pixel_statistics
+
+    class Fixed:
+        device = torch.device('cpu')
+
+        def sample(self, n, gen):
+            return torch.rand([n, 1, 4, 4], generator=gen) * 2 - 1, None
+
+    stats = pixel_statistics(Fixed(), num=10, batch=4, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([Fixed().sample(n, gen)[0] for n in (4, 4, 2)]).double().add(1).div(2)
+    assert abs(stats['pixel_mean'] - float(x.mean())) < 1e-9
+    assert abs(stats['pixel_std'] - float(x.std(unbiased=False))) < 1e-9
+    assert abs(stats['pixel_contrast'] - float(x.flatten(1).std(dim=1).mean())) < 1e-9

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import distill
 import generate
 import refine
@@ -235,3 +236,30 @@ def test_best_snapshot_follows_the_lowest_distance_and_curves_are_drawn(tmp_path
     assert metric_curves(run_dir)['fd_x1k'] == [(0.0, 10.0), (2.0, 9.0), (4.0, 7.5), (6.0, 8.0)]
     path = plot_run(run_dir)
     assert path == os.path.join(run_dir, 'curves.png') and os.path.getsize(path) > 1000
+
+
+def test_refine_metrics_keep_the_best_snapshot_and_draw_curves(tmp_path, files):
+    from metrics.detectors import FMNIST_FORMAT
+    from metrics.fmnist_net import FashionFeatureNet
+    torch.manual_seed(0)
+    detector = str(tmp_path / 'random-detector.pt')
+    torch.save(dict(state_dict=FashionFeatureNet().state_dict(), meta=dict(format=FMNIST_FORMAT)), detector)
+    dnnlib.util.set_cache_dir(str(tmp_path / 'cache'))
+    try:
+        result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--kimg', '0.016',
+                                      '--outdir', str(tmp_path / 'runs'), '--metrics', 'fid8', '--metrics-ref-num', '8',
+                                      f'--detector={detector}'] + FAST)
+    finally:
+        dnnlib.util.set_cache_dir(None)
+    assert result.exit_code == 0, result.output
+    run_dir = only_run_dir(str(tmp_path / 'runs'))
+    records = [json.loads(line) for line in open(os.path.join(run_dir, 'metric-fd_random-detector8.jsonl'))]
+    pixels = [json.loads(line) for line in open(os.path.join(run_dir, 'metric-pixels.jsonl'))]
+    assert len(records) == len(pixels) == 3 and records[0]['snapshot_pkl'] is None
+    best = json.load(open(os.path.join(run_dir, 'best.json')))
+    values = {os.path.basename(r['snapshot_pkl']): r['results']['fd_random-detector8'] for r in records[1:]}
+    assert best['snapshot'] == min(values, key=values.get) and best['value'] == min(values.values())
+    with open(os.path.join(run_dir, 'network-snapshot-best.pkl'), 'rb') as a, open(os.path.join(run_dir, best['snapshot']), 'rb') as b:
+        assert a.read() == b.read()
+    assert os.path.getsize(os.path.join(run_dir, 'curves.png')) > 1000
+    assert 'best: fd_random-detector8' in result.output and 'pixel_mean' in result.output
