@@ -73,14 +73,16 @@ def test_ticks_snapshots_and_stats(tmp_path):
     resumed.close()
 
 
-def test_ctrl_c_ends_the_tick_then_raises_after_saving(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_the_tick_then_raises_after_saving(tmp_path, signum):
+    before = signal.getsignal(signum)
     run = Run(str(tmp_path), total_kimg=10, kimg_per_tick=5, snapshot_ticks=100, batch=10, progress=False)
     assert not run.advance(10)
-    os.kill(os.getpid(), signal.SIGINT)  # Handled: the step finishes, the tick ends, everything is due.
+    os.kill(os.getpid(), signum)  # Handled: the step finishes, the tick ends, everything is due.
     assert run.advance(10) and run.done
     run.end_tick()
     assert run.snapshot_due and run.state_due and run.cur_nimg == 20
     with pytest.raises(KeyboardInterrupt, match='resume with --resume'):
         run.close()
     assert 'Stopped at 0.02 kimg' in open(tmp_path / 'log.txt').read()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signum) is before

@@ -4,7 +4,8 @@ A run is a directory `<outdir>/<NNNNN>-<desc>` holding `training_options.json` (
 nothing else), `log.txt`, `stats.jsonl` (one line per tick), `network-snapshot-<kimg>.pkl`,
 `training-state-<kimg>.pt` and image grids. Its clock counts images: a tick every `kimg_per_tick`, snapshots and
 training states every N ticks and at the end. Randomness is derived from counters (`counter_seed`), so an exact
-resume needs only the weights, the optimisers and the counters. Ctrl-C finishes the current step, saves, and stops.
+resume needs only the weights, the optimisers and the counters. Ctrl-C (or SIGTERM) finishes the current step,
+saves a snapshot and the training state, and stops.
 """
 
 import glob
@@ -160,9 +161,10 @@ class Run:
         self.collector = training_stats.Collector(regex='.*')
         self._start_time = self._tick_start_time = time.time()
         self._stop = []
-        self._previous_handler = None
+        self._previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+            for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, and what schedulers send before a kill.
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
         self._bar = None
         if rank == 0 and progress:
             from tqdm import tqdm
@@ -178,7 +180,7 @@ class Run:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop.append(signum)
-        signal.signal(signal.SIGINT, self._previous_handler)  # A second Ctrl-C interrupts at once.
+        signal.signal(signum, self._previous_handlers[signum])  # A second signal acts at once.
 
     @property
     def stopping(self) -> bool:
@@ -267,9 +269,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if threading.current_thread() is threading.main_thread() and self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
         if self._stop:
             self._stop.clear()
             message = f'Stopped at {self.cur_nimg / 1000:g} kimg; resume with --resume={self.run_dir}'
