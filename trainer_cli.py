@@ -23,7 +23,8 @@ from metrics.metric_main import append_jsonl
 from metrics.pixels import pixel_statistics
 from torch_utils import distributed as dist
 from training.plots import plot_run
-from training.run import atomic_write, kimg_label, save_options, load_options as load_run_options
+from training.run import atomic_write, kimg_label, latest_training_state, save_options
+from training.run import load_options as load_run_options
 
 
 class SetupError(click.ClickException):
@@ -94,6 +95,9 @@ def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
         raise SetupError(f'--resume {err}') from None
     if c.pop('script', None) != script:
         raise SetupError(f'--resume {run_dir}: not a {script}.py run directory')
+    if latest_training_state(run_dir) is None:
+        raise SetupError(f'--resume {run_dir}: no training-state-*.pt in this directory (nothing to continue; '
+                         f'start a new run instead)')
     c.pop('resolved', None)
     return c
 

@@ -263,3 +263,15 @@ def test_refine_metrics_keep_the_best_snapshot_and_draw_curves(tmp_path, files):
         assert a.read() == b.read()
     assert os.path.getsize(os.path.join(run_dir, 'curves.png')) > 1000
     assert 'best: fd_random-detector8' in result.output and 'pixel_mean' in result.output
+
+
+def test_resume_refuses_a_run_without_training_state(tmp_path, files):
+    result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--outdir', str(tmp_path),
+                                  '--kimg', '0.008'] + FAST)
+    run_dir = only_run_dir(str(tmp_path))
+    for path in glob.glob(os.path.join(run_dir, 'training-state-*.pt')):
+        os.remove(path)
+    result = invoke(refine.main, ['--resume', run_dir])
+    assert result.exit_code != 0 and 'no training-state' in result.output and 'Traceback' not in result.output
+    result = invoke(distill.main, ['--resume', run_dir])
+    assert result.exit_code != 0 and 'not a distill.py run directory' in result.output
