@@ -37,7 +37,7 @@ import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
 from ikl.toy import ACTIVATIONS, EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
-from torch_utils.run_files import kimg_files  # noqa: E402
+from training.run import kimg_files  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
 EMPIRICAL_SAMPLES = 8192  # an empirical fake score holds the samples of the last 32 iterations of 256

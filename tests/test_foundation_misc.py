@@ -92,7 +92,7 @@ def test_distributed_shutdown_leaves_the_process_group(tmp_path):
 
 
 def test_kimg_files_lists_a_runs_files_by_kimg_and_the_latest_state_is_the_last(tmp_path):
-    from torch_utils.run_files import kimg_files, latest_training_state
+    from training.run import kimg_files, latest_training_state
     for name in ['training-state-000010.pt', 'training-state-000000.032.pt', 'training-state-000002.pt',
                  'training-state-x.pt', 'network-snapshot-000002.pkl']:
         (tmp_path / name).write_bytes(b'')
