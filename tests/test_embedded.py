@@ -4,6 +4,7 @@ the offline detector. Real test images: tests/data/metrics_fmnist_t10k_300.npz (
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import adapters
@@ -16,7 +17,8 @@ from test_metrics_pipeline import DATA, BankAdapter, NoiseAdapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED = os.path.join(ROOT, 'embedded')
-FILES = dict(gan='fmnist-stylegan2.pkl', gan240='fmnist-stylegan2-240kimg.pkl', teacher='fmnist-edm.pkl', student='fmnist-onestep.pkl',
+FILES = dict(gan='fmnist-stylegan2.pkl', gan240='fmnist-stylegan2-240kimg.pkl', teacher='fmnist-edm.pkl',
+             teacher492='fmnist-edm-492kimg.pkl', student='fmnist-onestep.pkl',
              ref='fmnist-32x32-fmnist.npz')
 
 
@@ -48,8 +50,9 @@ def test_embedded_generators_sample_images_of_the_right_kind():
         assert float(images[:, :, :3, :3].mean()) < -0.8 < float(images[:, :, 12:20, 12:20].mean()), kind
 
 
-def test_embedded_teacher_denoises_real_images():
-    net = teachers.load(path('teacher'))
+@pytest.mark.parametrize('kind', ['teacher', 'teacher492'])
+def test_embedded_teacher_denoises_real_images(kind):
+    net = teachers.load(path(kind))
     x, labels = real_images()
     x, onehot = x[:64], torch.nn.functional.one_hot(labels[:64], 10).float()
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
