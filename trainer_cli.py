@@ -22,7 +22,7 @@ from metrics import GeneratorReference, MetricRunner
 from metrics.metric_main import append_jsonl
 from metrics.pixels import pixel_statistics
 from torch_utils import distributed as dist
-from training.plots import plot_run
+from training.plots import is_distance, plot_run
 from training.run import atomic_write, kimg_label, latest_training_state, save_options
 from training.run import load_options as load_run_options
 
@@ -166,8 +166,7 @@ def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Cal
 
 def selection_metric(results: dict) -> Optional[str]:
     """The first distance among the results (FID/KID or their renamed FD/KD): what `keep_best` minimises."""
-    return next((name for name in results if name.split('_')[0].rstrip('0123456789k') in ('fid', 'kid', 'fd', 'kd')),
-                None)
+    return next((name for name in results if is_distance(name)), None)
 
 
 def keep_best(run_dir: str, snapshot_path: str, results: dict) -> None:

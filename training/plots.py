@@ -33,6 +33,11 @@ def record_kimg(snapshot_pkl: Optional[str]) -> float:
     return float(os.path.basename(snapshot_pkl)[len('network-snapshot-'):-len('.pkl')])
 
 
+def is_distance(metric: str) -> bool:
+    """FID/KID (or their renamed FD/KD): lower is better, so the best point of the curve is its minimum."""
+    return metric.split('_')[0].rstrip('0123456789k') in ('fid', 'kid', 'fd', 'kd')
+
+
 def plot_run(run_dir: str, losses: Tuple[str, ...] = ('Loss/G/loss', 'Loss/fake_score', 'Loss/loss')) -> Optional[str]:
     """Write `<run_dir>/curves.png`; returns its path (None when there is nothing to plot yet)."""
     import matplotlib
@@ -61,8 +66,9 @@ def plot_run(run_dir: str, losses: Tuple[str, ...] = ('Loss/G/loss', 'Loss/fake_
         if title in curves:
             x, y = zip(*curves[title])
             ax.axhline(y[0], color='gray', linestyle=':', linewidth=1, label='start')
-            best = int(np.argmin(y))
-            ax.plot([x[best]], [y[best]], marker='*', markersize=10, color='C3', linestyle='none', label='best')
+            if is_distance(title):
+                best = int(np.argmin(y))
+                ax.plot([x[best]], [y[best]], marker='*', markersize=10, color='C3', linestyle='none', label='best')
         ax.set_title(title)
         ax.set_xlabel('kimg')
         ax.grid(alpha=0.3)
