@@ -12,7 +12,7 @@ import torch
 
 import ikl
 from stylegan2 import pickles
-from teachers.load import TeacherLoadError, teacher_from_pickle_data
+from teachers.load import teacher_from_pickle_data
 from teachers.sampling import edm_sampler
 
 
@@ -161,10 +161,7 @@ def load_generator(path_or_url: str, device: Any = 'cpu', init_sigma: Optional[f
         adapter = StyleGAN2Adapter(G.eval(), trainable='none')  # noise 'random', as upstream metrics
         adapter.training_set_kwargs = nets.get('training_set_kwargs')
         return adapter.to(device)
-    try:
-        net = teacher_from_pickle_data(data, source=str(path_or_url)).eval().requires_grad_(False)
-    except TeacherLoadError as err:
-        raise pickles.NetworkPickleError(str(err)) from None
+    net = teacher_from_pickle_data(data, source=str(path_or_url)).eval().requires_grad_(False)
     if kind == 'one-step':
         sigma = init_sigma if init_sigma is not None else float(data.get('init_sigma', 1.0))
         adapter = ikl.OneStepStudentAdapter(net, sigma_init=sigma).eval()

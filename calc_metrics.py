@@ -22,7 +22,10 @@ import os
 import click
 import torch
 
+import adapters
 import dnnlib
+from torch_utils import persistence
+from torch_utils.pickle_reader import NetworkPickleError
 from metrics import compute_metrics, metric_main
 from metrics.detectors import file_identity
 from metrics.references import GeneratorReference, make_reference
@@ -54,6 +57,14 @@ def run_dir_of(network_pkl):
     return run_dir if os.path.isfile(os.path.join(run_dir, 'training_options.json')) else None
 
 
+def load_network(path, device, option):
+    """A generator adapter, with the option's name in front of a load error."""
+    try:
+        return adapters.load_generator(path, device)
+    except NetworkPickleError as err:
+        raise click.ClickException(f'{option} {err}') from None
+
+
 @click.command()
 @click.option('--network', 'network_pkl', help='Generator to evaluate (StyleGAN2, one-step student, or teacher '
               'with its sampler)', metavar='PATH|URL', required=True)
@@ -81,8 +92,9 @@ def run_dir_of(network_pkl):
               show_default=True)
 @click.option('--jsonl', 'jsonl_path', help='Also append every result line to this file', metavar='FILE')
 @click.option('--verbose/--quiet', help='Progress bars', default=True, show_default=True)
+@click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code or globals are not on the allow-lists')
 def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detector, mirror, cov_convention,
-         batch_size, seed, workers, device, jsonl_path, verbose):
+         batch_size, seed, workers, device, jsonl_path, verbose, refuse_unknown_code):
     """Compute metrics of a generator and print one JSON line per metric."""
     metric_names = [] if metric_names == 'none' else parse_comma_list(metric_names)
     if not metric_names:
@@ -91,18 +103,19 @@ def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detect
         raise click.UsageError('give only one of --data, --ref and --ref-network')
     detector = parse_detector(detector)
     device = torch.device(device)
+    if refuse_unknown_code:
+        persistence.refuse_unknown_sources(True)
     try:
         for name in metric_names:
             metric_main.parse_metric(name, num)
-        import adapters  # Root wiring module: builds the right adapter for any network pickle.
-        generator = adapters.load_generator(network_pkl, device)
+        generator = load_network(network_pkl, device, '--network')
         if data is not None:
             reference = make_reference(data, mirror=mirror, batch_size=batch_size, num_workers=workers)
         elif ref is not None:
             reference = make_reference(ref)
         elif ref_network is not None:
             ref_path = dnnlib.util.open_url(ref_network, return_filename=True)
-            ref_generator = adapters.load_generator(ref_network, device)
+            ref_generator = load_network(ref_network, device, '--ref-network')
             sampler = getattr(ref_generator, 'sampler_kwargs', None)
             reference = GeneratorReference(ref_generator, num=ref_num, batch_size=batch_size,
                                            cache_key=f'{file_identity(ref_path)}:{sampler!r}')

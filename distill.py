@@ -67,7 +67,7 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool)
         persistence.refuse_unknown_sources(True)
     try:
         teacher = teachers.load(c.teacher, device=device)
-    except teachers.TeacherLoadError as err:
+    except teachers.NetworkPickleError as err:
         raise SetupError(f'--teacher {err}') from None
     if c.student == 'stylegan2' and teacher.img_resolution & (teacher.img_resolution - 1):
         raise SetupError(f'--student=stylegan2 needs a power-of-two resolution; the teacher has {teacher.img_resolution}')

@@ -34,7 +34,7 @@ import tqdm
 import dnnlib
 import adapters
 import teachers.sampling
-from teachers.load import TeacherLoadError, teacher_from_pickle_data
+from teachers.load import teacher_from_pickle_data
 from stylegan2 import pickles, scripting
 from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
@@ -86,10 +86,7 @@ def load_renderer(network_pkl: str, opts):
     data = pickles.read_pickle(network_pkl)
     kind = adapters.pickle_kind(data)
     if kind in ('diffusion', 'one-step'):
-        try:
-            net = teacher_from_pickle_data(data, source=network_pkl)
-        except TeacherLoadError as err:
-            raise pickles.NetworkPickleError(str(err)) from None
+        net = teacher_from_pickle_data(data, source=network_pkl)
         if opts.init_sigma is None and kind == 'one-step':
             opts.init_sigma = float(data.get('init_sigma', 1.0))  # official Diff-Instruct pickles: 1.0 (README)
         render = render_diffusion if opts.init_sigma is None else render_one_step

@@ -32,7 +32,7 @@ def main(source, dest, force_fp16, as_ours, refuse_unknown_code, overwrite):
         if as_ours:
             for key in pickles.NETWORK_KEYS:
                 if data.get(key) is not None:
-                    data[key] = pickles.rebuild_as_ours(data[key])
+                    data[key] = pickles.rebuild_network(data[key])
     except pickles.NetworkPickleError as err:
         raise click.BadParameter(str(err), param_hint='--source') from None
     try:

@@ -21,7 +21,7 @@ import teachers
 from adapters import StyleGAN2Adapter
 import trainer_cli as cli
 from trainer_cli import SetupError
-from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_as_ours
+from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_network
 from torch_utils import distributed as dist
 from torch_utils import persistence
 
@@ -48,7 +48,7 @@ def load_generator_networks(path: str, source_net: str) -> dict:
         raise SetupError(f'--network {err}') from None
     if data.get(source_net) is None:
         raise SetupError(f'--network {path}: has no {source_net} (has {[k for k in ("G", "G_ema") if data.get(k) is not None]})')
-    data['G_source'] = rebuild_as_ours(data[source_net])
+    data['G_source'] = rebuild_network(data[source_net])
     return data
 
 
@@ -56,7 +56,7 @@ def load_teacher(name: str, device: torch.device) -> torch.nn.Module:
     """The teacher, with a one-line error for anything unusable."""
     try:
         return teachers.load(name, device=device)
-    except teachers.TeacherLoadError as err:
+    except teachers.NetworkPickleError as err:
         raise SetupError(f'--teacher {err}') from None
 
 

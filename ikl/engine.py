@@ -146,6 +146,7 @@ class Trainer:
         self.cur_nimg = 0
         self.cur_tick = 0
         self.tick_start_nimg = 0
+        self._tick_params = None  # The generator's parameters at the last tick, for `Tracking/g_update`.
 
     # -- randomness -------------------------------------------------------------------------------------------
 
@@ -266,6 +267,34 @@ class Trainer:
             if self.fake_fits:
                 self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
 
+    @torch.no_grad()
+    def _report_tracking(self) -> None:
+        """Once per tick: how well the fake score tracks the generator, and how far the generator moved.
+
+        On one global batch of fresh samples (never trained on), the fake score's and the teacher's DSM losses are
+        computed at the same (sigma, noise) draws. The fake score is useful only while its loss stays below the
+        teacher's on the generator's own samples: the gap is the information the IKL gradient is made from.
+        `g_update` is the relative parameter change since the last tick (|theta - theta_prev| / |theta_prev|)."""
+        o = self.opts
+        if self.fake_fits:
+            self.fake_score.eval()
+            for r in range(self.rounds):
+                x, labels = self._fresh_samples(1000, r)  # Purposes far above the fake steps' 1 + 2k, 2 + 2k.
+                rng = self._seed(1001, r)
+                fake = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma,
+                                    torch.Generator(device=self.device).manual_seed(rng), o.sigma_data, self.amp)
+                teacher = edm_dsm_loss(self.teacher, x, labels, self.fake_sigma,
+                                       torch.Generator(device=self.device).manual_seed(rng), o.sigma_data, self.amp)
+                training_stats.report('Tracking/dsm_fake', fake)
+                training_stats.report('Tracking/dsm_teacher', teacher)
+                training_stats.report('Tracking/dsm_gap', teacher - fake)
+            self.fake_score.train()
+        now = torch.cat([p.detach().flatten().float() for p in self.g_params])
+        if self._tick_params is not None:
+            change = (now - self._tick_params).norm() / self._tick_params.norm().clamp_min(1e-12)
+            training_stats.report0('Tracking/g_update', change)
+        self._tick_params = now
+
     def _update_ema(self) -> None:
         o = self.opts
         update_ema(self.ema, self.adapter, ema_beta(o.batch, self.cur_nimg, o.ema_halflife_kimg, o.ema_rampup_ratio))
@@ -384,6 +413,7 @@ class Trainer:
                 self.step()
                 if not clock.advance(o.batch):
                     continue
+                self._report_tracking()
                 training_stats.report0('Progress/loss_scale_G', self.g_scaler.scale)
                 training_stats.report0('Progress/skipped_total_G', self.g_scaler.skipped)
                 stats = clock.end_tick()

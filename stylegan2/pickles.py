@@ -1,12 +1,13 @@
 """StyleGAN2 network pickles in and out: upstream stylegan2-ada-pytorch, ours, and TensorFlow StyleGAN2(-ADA).
 
 `load_network_pkl(path_or_url)` returns `dict(G=..., D=..., G_ema=..., augment_pipe=..., training_set_kwargs=...)`
-with whichever networks the file has. `rebuild_as_ours(net)` turns any loaded network (upstream's classes run
+with whichever networks the file has. `rebuild_network(net)` turns any loaded network (upstream's classes run
 from the source embedded in their pickle) into an instance of `stylegan2.networks`, and checks that its outputs
 did not change. `save_network_pkl(path, ...)` writes upstream's snapshot layout atomically.
 
 Loading a pickle executes code stored in it: load only files you trust, or call
-`torch_utils.persistence.refuse_unknown_sources()` first to refuse any code that is not on the allow-list.
+`torch_utils.persistence.refuse_unknown_sources()` first to refuse any code and any global that is not on the
+allow-lists (see `torch_utils.pickle_reader`).
 """
 
 import copy
@@ -22,51 +23,24 @@ import torch
 import dnnlib
 from stylegan2 import networks
 from stylegan2 import tf_convert
-from torch_utils import persistence
+from torch_utils import persistence, pickle_reader
+from torch_utils.pickle_reader import NetworkPickleError
 
 NETWORK_KEYS = ('G', 'D', 'G_ema')
 _GENERATOR_ARGS = ('z_dim', 'c_dim', 'w_dim', 'img_resolution', 'img_channels', 'mapping_kwargs', 'synthesis_kwargs')
 
 
-class NetworkPickleError(Exception):
-    """A file is missing, unreadable, or not a StyleGAN2 network pickle. The message is one line for the user."""
+TF_SUBSTITUTES = {('dnnlib.tflib.network', 'Network'): tf_convert.TFNetworkStub}  # Read without TensorFlow.
 
-
-class _LegacyUnpickler(pickle.Unpickler):
-    """Unpickler that reads TensorFlow `Network` objects as attribute bags (no TensorFlow needed)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == 'dnnlib.tflib.network' and name == 'Network':
-            return tf_convert.TFNetworkStub
-        return super().find_class(module, name)
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading.
 
 def _describe(path_or_url: Any) -> str:
     return path_or_url if isinstance(path_or_url, str) else getattr(path_or_url, 'name', '<file object>')
 
 
 def read_pickle(path_or_url: Any) -> Any:
-    """Unpickle a local path, URL (cached download) or binary file object; errors become NetworkPickleError."""
-    what = _describe(path_or_url)
-    try:
-        f = dnnlib.util.open_url(path_or_url) if isinstance(path_or_url, str) else path_or_url
-    except (OSError, ValueError) as err:
-        raise NetworkPickleError(f'{what}: cannot open ({err})') from None
-    try:
-        head = f.peek(4)[:4] if hasattr(f, 'peek') else b''
-        if head.startswith(b'PK'):
-            raise NetworkPickleError(f'{what}: this is a torch.save() archive (e.g. a state dict), not a network '
-                                     f'pickle; expected a .pkl written by a StyleGAN2/EDM training run')
-        return _LegacyUnpickler(f).load()
-    except (NetworkPickleError, MemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 -- any failure inside unpickling is reported as one line.
-        raise NetworkPickleError(f'{what}: not a loadable network pickle ({type(err).__name__}: {err})') from None
-    finally:
-        if f is not path_or_url:
-            f.close()
+    """Unpickle a local path, URL (cached download) or binary file object, TensorFlow networks included; errors
+    become NetworkPickleError (see `torch_utils.pickle_reader`)."""
+    return pickle_reader.read_pickle(path_or_url, substitutes=TF_SUBSTITUTES)
 
 
 def _is_generator(obj: Any) -> bool:
@@ -127,7 +101,7 @@ def load_network_pkl(path_or_url: Any, force_fp16: bool = False) -> Dict[str, An
     if force_fp16:
         for key in NETWORK_KEYS:
             if data.get(key) is not None:
-                data[key] = rebuild_as_ours(data[key], num_fp16_res=4, conv_clamp=256)
+                data[key] = rebuild_network(data[key], num_fp16_res=4, conv_clamp=256)
     return data
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +151,7 @@ def outputs_agree(net_a: torch.nn.Module, net_b: torch.nn.Module) -> Optional[fl
     return float((out_a - out_b).abs().max()) / scale
 
 
-def rebuild_as_ours(net: torch.nn.Module, check: bool = True, rtol: float = 1e-4, **kwarg_overrides) -> torch.nn.Module:
+def rebuild_network(net: torch.nn.Module, check: bool = True, rtol: float = 1e-4, **kwarg_overrides) -> torch.nn.Module:
     """Rebuild a loaded network as an instance of `stylegan2.networks`, with the same weights and outputs.
 
     Upstream pickles (and pickles of older versions of our code) run the class source stored in the file. To

@@ -8,14 +8,14 @@
 
 from .analytic import GaussianMixture, grid25, ring8
 from .interface import TEACHER_ATTRIBUTES, is_teacher, missing_teacher_attributes, score
-from .load import OFFICIAL, TeacherLoadError, load, load_pickle, rebuild_as_ours, resolve
+from .load import OFFICIAL, NetworkPickleError, load, load_pickle, rebuild_teacher, resolve
 from .networks import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
 from .sampling import ablation_sampler, edm_sampler, generate_images
 
 __all__ = [
     'GaussianMixture', 'grid25', 'ring8',
     'TEACHER_ATTRIBUTES', 'is_teacher', 'missing_teacher_attributes', 'score',
-    'OFFICIAL', 'TeacherLoadError', 'load', 'load_pickle', 'rebuild_as_ours', 'resolve',
+    'OFFICIAL', 'NetworkPickleError', 'load', 'load_pickle', 'rebuild_teacher', 'resolve',
     'DhariwalUNet', 'EDMPrecond', 'SongUNet', 'VEPrecond', 'VPPrecond', 'iDDPMPrecond',
     'ablation_sampler', 'edm_sampler', 'generate_images',
 ]

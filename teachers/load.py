@@ -1,18 +1,17 @@
 """Loading teachers: NVIDIA's official EDM pickles by short name, or any upstream-layout pickle by path or URL.
 
 An EDM snapshot is `dict(ema=<denoiser>, loss_fn=..., augment_pipe=..., dataset_kwargs=...)`; the `ema` network
-is a teacher as it is (its embedded source runs against our `torch_utils`). `rebuild_as_ours` re-creates it as
+is a teacher as it is (its embedded source runs against our `torch_utils`). `rebuild_teacher` re-creates it as
 our own class from its `init_kwargs` and checks that the outputs agree.
 """
 
-import pickle
-import zipfile
+import os
 from typing import Any, Dict, Optional
 
 import torch
 
 import dnnlib
-from dnnlib.util import DownloadError
+from torch_utils.pickle_reader import NetworkPickleError, read_pickle
 
 from . import networks
 from .interface import missing_teacher_attributes
@@ -40,10 +39,6 @@ OFFICIAL: Dict[str, str] = {
 }
 
 
-class TeacherLoadError(RuntimeError):
-    """A teacher could not be loaded; the message is one line saying what was wrong with which source."""
-
-
 def resolve(name_or_path_or_url: str) -> str:
     """The URL of an official short name (with or without `.pkl`), otherwise the argument unchanged."""
     key = name_or_path_or_url[:-4] if name_or_path_or_url.endswith('.pkl') else name_or_path_or_url
@@ -58,20 +53,10 @@ def _one_line(err: Exception, limit: int = 400) -> str:
 def load_pickle(name_or_path_or_url: str, cache_dir: Optional[str] = None, verbose: bool = True) -> Any:
     """Unpickle a file, URL (through the download cache) or official short name, with one-line errors."""
     source = resolve(str(name_or_path_or_url))
-    try:
-        with dnnlib.util.open_url(source, cache_dir=cache_dir, verbose=verbose) as f:
-            return pickle.load(f)
-    except FileNotFoundError:
+    if not dnnlib.util.is_url(source, allow_file_urls=True) and not os.path.exists(source):
         names = ', '.join(sorted(OFFICIAL))
-        raise TeacherLoadError(f'Teacher {source}: no such file (official names: {names})') from None
-    except DownloadError as err:
-        raise TeacherLoadError(f'Teacher {source}: {err}') from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError, UnicodeDecodeError) as err:
-        raise TeacherLoadError(f'Teacher {source}: not a readable network pickle ({type(err).__name__}: '
-                               f'{_one_line(err)})') from None
-    except RuntimeError as err:
-        raise TeacherLoadError(f'Teacher {source}: could not be unpickled ({_one_line(err)})') from None
+        raise NetworkPickleError(f'{source}: no such file (official teacher names: {names})')
+    return read_pickle(source, cache_dir=cache_dir, verbose=verbose)
 
 
 def teacher_from_pickle_data(data: Any, source: str = 'pickle') -> torch.nn.Module:
@@ -80,16 +65,16 @@ def teacher_from_pickle_data(data: Any, source: str = 'pickle') -> torch.nn.Modu
         if 'ema' in data:
             net = data['ema']
         elif 'G_ema' in data or 'G' in data:
-            raise TeacherLoadError(f'Teacher {source}: this is a StyleGAN2 generator pickle (keys G/D/G_ema), '
+            raise NetworkPickleError(f'{source}: this is a StyleGAN2 generator pickle (keys G/D/G_ema), '
                                    f'not an EDM teacher (expected key "ema")')
         else:
-            raise TeacherLoadError(f'Teacher {source}: the pickled dict has keys {sorted(map(str, data))}, '
+            raise NetworkPickleError(f'{source}: the pickled dict has keys {sorted(map(str, data))}, '
                                    f'expected an EDM snapshot with key "ema"')
     else:
         net = data
     missing = missing_teacher_attributes(net)
     if missing:
-        raise TeacherLoadError(f'Teacher {source}: the pickled {type(net).__name__} is not a denoiser '
+        raise NetworkPickleError(f'{source}: the pickled {type(net).__name__} is not a denoiser '
                                f'(missing {", ".join(missing)})')
     return net
 
@@ -99,12 +84,12 @@ def load(name_or_path_or_url: str, device='cpu', rebuild: bool = False, cache_di
     """A teacher in eval mode on `device`, without gradients, from an official short name, path or URL.
 
     Official names: see `OFFICIAL` (e.g. `cifar10-uncond`, `edm-ffhq-64x64-uncond-vp`). With `rebuild=True`
-    the upstream network is re-created as our own class (see `rebuild_as_ours`).
+    the upstream network is re-created as our own class (see `rebuild_teacher`).
     """
     source = str(name_or_path_or_url)
     net = teacher_from_pickle_data(load_pickle(source, cache_dir=cache_dir, verbose=verbose), source=resolve(source))
     if rebuild:
-        net = rebuild_as_ours(net)
+        net = rebuild_teacher(net)
     return net.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,16 +123,16 @@ def max_output_difference(net_a, net_b, batch_size: int = 2) -> float:
     return float((out_a - out_b).abs().max())
 
 
-def rebuild_as_ours(net: torch.nn.Module, check: bool = True, atol: float = 1e-4) -> torch.nn.Module:
+def rebuild_teacher(net: torch.nn.Module, check: bool = True, atol: float = 1e-4) -> torch.nn.Module:
     """Our own class built from an (upstream) EDM network's `init_kwargs`, holding its parameters and buffers.
 
-    The new network is in the old one's training mode and on the CPU. With `check`, it raises TeacherLoadError
+    The new network is in the old one's training mode and on the CPU. With `check`, it raises NetworkPickleError
     unless both give the same D(x) (max abs difference <= atol) on fixed inputs.
     """
     class_name = type(net).__name__
     our_class = getattr(networks, class_name, None)
     if our_class is None or not hasattr(net, 'init_kwargs'):
-        raise TeacherLoadError(f'rebuild_as_ours: {class_name} is not one of the EDM preconditioners '
+        raise NetworkPickleError(f'rebuild_teacher: {class_name} is not one of the EDM preconditioners '
                                f'(EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond)')
     with torch.random.fork_rng(devices=[]):  # The throw-away initial weights must not disturb the caller's RNG.
         ours = our_class(*net.init_args, **net.init_kwargs)
@@ -155,7 +140,7 @@ def rebuild_as_ours(net: torch.nn.Module, check: bool = True, atol: float = 1e-4
     try:
         ours.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise TeacherLoadError(f'rebuild_as_ours: the {class_name} state does not map onto ours '
+        raise NetworkPickleError(f'rebuild_teacher: the {class_name} state does not map onto ours '
                                f'({_one_line(err)})') from None
     ours.train(net.training)
     if check:
@@ -166,5 +151,5 @@ def rebuild_as_ours(net: torch.nn.Module, check: bool = True, atol: float = 1e-4
         net.train(was_training)
         ours.train(was_training)
         if not diff <= atol:
-            raise TeacherLoadError(f'rebuild_as_ours: {class_name} rebuilt as ours differs by {diff:.3g} > {atol:g}')
+            raise NetworkPickleError(f'rebuild_teacher: {class_name} rebuilt as ours differs by {diff:.3g} > {atol:g}')
     return ours

@@ -20,7 +20,7 @@ from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
 from training.run import Run, atomic_write, counter_generator, ema_beta, kimg_label, update_ema
 
-from .load import TeacherLoadError, load as load_teacher
+from .load import NetworkPickleError, load as load_teacher
 from .sampling import StackedRandomGenerator, edm_sampler
 
 
@@ -41,7 +41,7 @@ def init_from_pickle(path: str, net: torch.nn.Module) -> None:
     try:
         source = load_teacher(path, verbose=False)
         net.load_state_dict(source.state_dict())
-    except (TeacherLoadError, RuntimeError) as err:
+    except (NetworkPickleError, RuntimeError) as err:
         raise ValueError(f'--init {path}: does not fit the network these options build '
                          f'({" ".join(str(err).split())[:300]})') from None
 

@@ -219,6 +219,34 @@ def test_fake_warmup_trains_only_the_fake_score_first(tmp_path):
     assert not all(torch.equal(v, g0[k]) for k, v in trainer.adapter.state_dict().items())
 
 
+def test_tracking_compares_fake_and_teacher_on_the_same_fresh_draws(tmp_path):
+    from torch_utils import training_stats
+    from ikl.divergences import edm_dsm_loss
+    from ikl.sigmas import LogNormal
+    from training.run import counter_seed
+    adapter, _, fake = _networks()
+    teacher = copy.deepcopy(fake).eval()  # The fake score starts as the teacher: no gap until it trains.
+    trainer = ikl.Trainer(adapter, teacher, copy.deepcopy(fake), dict(OPTS, batch_gpu=32), str(tmp_path))
+    collector = training_stats.Collector(regex='Tracking/.*')
+    trainer._report_tracking()
+    collector.update()
+    assert collector.mean('Tracking/dsm_gap') == 0 and collector.mean('Tracking/dsm_fake') > 0
+    assert collector.num('Tracking/g_update') == 0  # No previous tick to compare with yet.
+    # An independent computation of the fake's loss on the same samples and draws.
+    x, labels = trainer._fresh_samples(1000, 0)
+    gen = torch.Generator().manual_seed(counter_seed(OPTS['seed'], 0, 1001, 0))
+    expected = edm_dsm_loss(fake.eval(), x, labels, LogNormal(-1.2, 1.2), gen, sigma_data=1.0).mean().item()
+    assert collector.mean('Tracking/dsm_fake') == pytest.approx(expected, rel=1e-5)
+    before = torch.cat([p.detach().flatten() for p in trainer.g_params])
+    trainer.step()
+    trainer.step()
+    trainer._report_tracking()
+    collector.update()
+    after = torch.cat([p.detach().flatten() for p in trainer.g_params])
+    assert collector.mean('Tracking/g_update') == pytest.approx(((after - before).norm() / before.norm()).item(), rel=1e-5)
+    assert collector.mean('Tracking/dsm_gap') != 0
+
+
 def test_snapshot_stats_and_preview(tmp_path):
     adapter, teacher, fake = _networks()
     ikl.train(adapter, teacher, fake, dict(OPTS, total_kimg=0.128, image_ticks=2), str(tmp_path))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stylegan2 import networks
-from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_as_ours, save_network_pkl
+from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_network, save_network_pkl
 from torch_utils import persistence
 
 G_KWARGS = dict(z_dim=8, c_dim=3, w_dim=8, img_resolution=16, img_channels=3,
@@ -94,8 +94,8 @@ def test_upstream_layout_pickle_loads_and_rebuilds_as_ours(tmp_path):
     D_direct.load_state_dict(D_up.state_dict())
     assert torch.allclose(probe_G(loaded['G_ema']), probe_G(G_direct), atol=1e-6)
 
-    G_ours = rebuild_as_ours(loaded['G_ema'])
-    D_ours = rebuild_as_ours(loaded['D'])
+    G_ours = rebuild_network(loaded['G_ema'])
+    D_ours = rebuild_network(loaded['D'])
     assert type(G_ours) is networks.Generator and type(D_ours) is networks.Discriminator
     assert torch.equal(probe_G(G_ours), probe_G(G_direct))
     assert torch.equal(probe_D(D_ours), probe_D(D_direct))
@@ -118,7 +118,7 @@ def test_rebuild_accepts_stylegan3_style_flattened_synthesis_kwargs():
     flat = dict(G_KWARGS, **G_KWARGS['synthesis_kwargs'])
     del flat['synthesis_kwargs']
     G = randomized(module.Generator(**flat))
-    G_ours = rebuild_as_ours(G)
+    G_ours = rebuild_network(G)
     assert G_ours.init_kwargs.synthesis_kwargs.channel_base == 128
     assert torch.equal(probe_G(G_ours), probe_G(G))
 
@@ -131,7 +131,7 @@ def test_rebuild_detects_code_that_behaves_differently():
     module = persistence._src_to_module(changed)
     G = randomized(module.Generator(**G_KWARGS))
     with pytest.raises(NetworkPickleError, match='does not reproduce'):
-        rebuild_as_ours(G)
+        rebuild_network(G)
 
 
 def test_export_reload_round_trip(tmp_path):
@@ -153,7 +153,7 @@ def test_export_reload_round_trip(tmp_path):
     assert not loaded['G'].training and not any(p.requires_grad for p in loaded['G'].parameters())
     assert torch.equal(probe_G(loaded['G_ema']), probe_G(G))
     assert torch.equal(probe_D(loaded['D']), probe_D(D))
-    assert rebuild_as_ours(loaded['G_ema']) is loaded['G_ema']  # same source: already our class
+    assert rebuild_network(loaded['G_ema']) is loaded['G_ema']  # same source: already our class
 
     bare = str(tmp_path / 'bare.pkl')  # a generator pickled on its own counts as G_ema
     with open(bare, 'wb') as f:

@@ -69,7 +69,7 @@ def test_generate_writes_seed_images_and_grid(tmp_path, network_pkl):
 def test_generate_errors(tmp_path, network_pkl):
     conditional = str(tmp_path / 'c.pkl')
     save_network_pkl(conditional, G_ema=tiny_G(c_dim=3), D=tiny_D(c_dim=3))
-    cases = [(['--network', str(tmp_path / 'missing.pkl'), '--seeds', '0'], 'No such file'),
+    cases = [(['--network', str(tmp_path / 'missing.pkl'), '--seeds', '0'], 'no such file'),
              (['--network', network_pkl, '--seeds', '5-2'], 'runs backwards'),
              (['--network', network_pkl], '--seeds'),
              (['--network', conditional, '--seeds', '0'], '--class'),

@@ -12,12 +12,13 @@ import sys
 import textwrap
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
 import teachers
 from teachers import networks
-from teachers.load import TeacherLoadError
+from teachers.load import NetworkPickleError
 from teachers.loss import EDMLoss
 from torch_utils import persistence
 
@@ -57,7 +58,7 @@ def load_in_fresh_process(pkl_path, out_path):
         net = teachers.load({pkl_path!r})
         gen = torch.Generator().manual_seed(5)
         x, sigma, labels = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([0.4, 7.0]), torch.eye(3)[[0, 2]]
-        ours = teachers.rebuild_as_ours(net)
+        ours = teachers.rebuild_teacher(net)
         with torch.no_grad():
             torch.save(dict(out=net(x, sigma, labels), rebuilt=ours.eval()(x, sigma, labels), module=raw_module,
                             ours_module=type(ours).__module__, training=net.training,
@@ -183,7 +184,7 @@ def test_official_names_and_download_cache(tmp_path):
 
 
 def one_line_error(source, **kwargs):
-    with pytest.raises(TeacherLoadError) as info:
+    with pytest.raises(NetworkPickleError) as info:
         teachers.load(source, **kwargs)
     message = str(info.value)
     assert '\n' not in message
@@ -195,10 +196,10 @@ def test_bad_sources_give_one_line_errors(tmp_path):
 
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(os.urandom(256))
-    assert 'not a readable network pickle' in one_line_error(str(corrupt))
+    assert 'not a loadable network pickle' in one_line_error(str(corrupt))
     persistent_id = tmp_path / 'persistent_id.pkl'  # the unpickler's message for this opcode spans two lines
     persistent_id.write_bytes(b'\x80\x02X\x01\x00\x00\x00aQ.')
-    assert 'not a readable network pickle' in one_line_error(str(persistent_id))
+    assert 'not a loadable network pickle' in one_line_error(str(persistent_id))
 
     torch.manual_seed(3)
     good = pickle.dumps(snapshot(networks.EDMPrecond(**NET_KWARGS)))
@@ -218,16 +219,21 @@ def test_bad_sources_give_one_line_errors(tmp_path):
     not_denoiser.write_bytes(pickle.dumps(dict(ema=torch.nn.Linear(2, 2))))
     assert 'not a denoiser' in one_line_error(str(not_denoiser))
 
+    assert 'is a directory' in one_line_error(str(tmp_path))
+    npz = tmp_path / 'stats.npz'
+    np.savez(npz, mu=np.zeros(2))
+    assert 'numpy .npz archive' in one_line_error(str(npz))
+
     offline = one_line_error('http://127.0.0.1:9/edm-model.pkl', cache_dir=str(tmp_path / 'cache'), verbose=False)
     assert 'http://127.0.0.1:9/edm-model.pkl' in offline
 
 
 def test_rebuild_refuses_what_does_not_map():
     from teachers.analytic import GaussianMixture
-    with pytest.raises(TeacherLoadError, match='not one of the EDM preconditioners'):
-        teachers.rebuild_as_ours(GaussianMixture(torch.zeros(2, 3), 1.0))
+    with pytest.raises(NetworkPickleError, match='not one of the EDM preconditioners'):
+        teachers.rebuild_teacher(GaussianMixture(torch.zeros(2, 3), 1.0))
     torch.manual_seed(4)
     net = networks.EDMPrecond(**NET_KWARGS)
     net._init_kwargs = dict(net._init_kwargs, model_channels=8)  # Recorded kwargs that do not fit the weights.
-    with pytest.raises(TeacherLoadError, match='does not map onto ours'):
-        teachers.rebuild_as_ours(net)
+    with pytest.raises(NetworkPickleError, match='does not map onto ours'):
+        teachers.rebuild_teacher(net)

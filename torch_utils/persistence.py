@@ -9,7 +9,8 @@ uses `torch_utils`/`dnnlib` names that both sides offer.
 Security: loading such a pickle runs the code inside it. Only load pickles you trust. To refuse any embedded
 source that is not on an allow-list, call `refuse_unknown_sources()` or set `TOOLKIT_REFUSE_UNKNOWN_CODE=1`;
 the sources of this toolkit's own modules are always trusted, others can be added by sha256 with
-`trust_source_hash()` or listed one per line in the file named by `TOOLKIT_TRUSTED_CODE`.
+`trust_source_hash()` or listed one per line in the trust file (`trusted_code_file()`; `trust_code.py --add`
+appends a pickle's hashes). Refusal also restricts the globals a pickle may name: see `torch_utils.pickle_reader`.
 """
 
 import copy
@@ -175,6 +176,10 @@ _trusted_hashes: Set[str] = set()
 _own_hashes: Optional[Set[str]] = None
 
 
+class RefusedCode(pickle.UnpicklingError):
+    """Refusal is on and a pickle carries code (embedded source or a global) that is not on the allow-lists."""
+
+
 def source_sha256(src: str) -> str:
     """The hash by which an embedded module source is put on the allow-list."""
     return hashlib.sha256(src.encode('utf-8')).hexdigest()
@@ -184,6 +189,11 @@ def refuse_unknown_sources(refuse: bool = True) -> None:
     """Make unpickling fail on any embedded source that is neither ours nor explicitly trusted."""
     global _refuse_unknown
     _refuse_unknown = refuse
+
+
+def refusing_unknown_sources() -> bool:
+    """Whether refusal is on: pickle readers then also restrict the globals they resolve (see `pickle_reader`)."""
+    return _refuse_unknown
 
 
 def trust_source_hash(*sha256: str) -> None:
@@ -206,27 +216,36 @@ def _own_source_hashes() -> Set[str]:
     return _own_hashes
 
 
+def trusted_code_file() -> str:
+    """The trust file: one sha256 per line (`#` comments). $TOOLKIT_TRUSTED_CODE, else `trusted-code.txt` in the
+    dnnlib cache directory (where `trust_code.py --add` appends)."""
+    return os.environ.get('TOOLKIT_TRUSTED_CODE') or dnnlib.util.make_cache_dir_path('trusted-code.txt')
+
+
 def _file_trusted_hashes() -> Set[str]:
-    path = os.environ.get('TOOLKIT_TRUSTED_CODE', '')
-    if not path:
+    path = trusted_code_file()
+    if not os.path.exists(path):  # Nothing trusted yet (`trust_code.py --add` creates it).
         return set()
     try:
         with open(path, encoding='utf-8') as f:
             return {line.split('#')[0].strip().lower() for line in f if line.split('#')[0].strip()}
     except OSError as err:
-        raise pickle.UnpicklingError(f'TOOLKIT_TRUSTED_CODE: cannot read allow-list {path}: {err}') from None
+        raise pickle.UnpicklingError(f'trust file {path}: cannot read it ({err})') from None
+
+
+def is_source_trusted(src: str) -> bool:
+    """Whether embedded source passes refusal: ours, trusted by hash in this process, or in the trust file."""
+    digest = source_sha256(src)
+    return digest in _trusted_hashes or digest in _own_source_hashes() or digest in _file_trusted_hashes()
 
 
 def _check_source_allowed(src: str, class_name: str) -> None:
-    if not _refuse_unknown or src in _src_to_module_dict:
+    if not _refuse_unknown or src in _src_to_module_dict or is_source_trusted(src):  # Already run here: no new code.
         return
-    digest = source_sha256(src)
-    if digest in _trusted_hashes or digest in _own_source_hashes() or digest in _file_trusted_hashes():
-        return
-    raise pickle.UnpicklingError(
-        f'Refusing to load class {class_name}: its embedded source (sha256 {digest}) is not on the allow-list. '
-        f'Loading a pickle runs the code inside it; if you trust this file, add the hash to the file named by '
-        f'TOOLKIT_TRUSTED_CODE or call torch_utils.persistence.trust_source_hash().')
+    raise RefusedCode(
+        f'refusing class {class_name}: its embedded source (sha256 {source_sha256(src)}) is not on the '
+        f'allow-list. Loading a pickle runs the code inside it; if you trust this file, run '
+        f'`python trust_code.py --add FILE.pkl` (appends to {trusted_code_file()}).')
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The curves of a run as one PNG: every metric over kimg (from `metric-*.jsonl`) and the training losses (from
-`stats.jsonl`), so a result is read over the whole run rather than at one moment."""
+"""The curves of a run as one PNG: every metric over kimg (from `metric-*.jsonl`), the training losses and the
+fake score's tracking (from `stats.jsonl`), so a result is read over the whole run rather than at one moment."""
 
 import json
 import os
@@ -38,7 +38,14 @@ def is_distance(metric: str) -> bool:
     return metric.split('_')[0].rstrip('0123456789k') in ('fid', 'kid', 'fd', 'kd')
 
 
-def plot_run(run_dir: str, losses: Tuple[str, ...] = ('Loss/G/loss', 'Loss/fake_score', 'Loss/loss')) -> Optional[str]:
+STAT_PANELS = (
+    ('training losses (per tick)', ('Loss/G/loss', 'Loss/fake_score', 'Loss/loss')),
+    ('DSM on fresh samples (fake vs teacher)', ('Tracking/dsm_fake', 'Tracking/dsm_teacher')),
+    ('generator update per tick (relative)', ('Tracking/g_update',)),
+)
+
+
+def plot_run(run_dir: str, stat_panels=STAT_PANELS) -> Optional[str]:
     """Write `<run_dir>/curves.png`; returns its path (None when there is nothing to plot yet)."""
     import matplotlib
     matplotlib.use('Agg')
@@ -47,15 +54,16 @@ def plot_run(run_dir: str, losses: Tuple[str, ...] = ('Loss/G/loss', 'Loss/fake_
     curves = metric_curves(run_dir)
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     ticks = _read_jsonl(stats_path) if os.path.exists(stats_path) else []
-    loss_curves = {}
-    for name in losses:
-        points = [(t['Progress/kimg']['mean'], t[name]['mean']) for t in ticks
-                  if name in t and t[name].get('num', 1) > 0 and np.isfinite(t[name]['mean'])]
-        if points:
-            loss_curves[name] = points
     panels = [(metric, {metric: points}) for metric, points in curves.items()]
-    if loss_curves:
-        panels.append(('training losses (per tick)', loss_curves))
+    for title, names in stat_panels:
+        lines = {}
+        for name in names:
+            points = [(t['Progress/kimg']['mean'], t[name]['mean']) for t in ticks
+                      if name in t and t[name].get('num', 1) > 0 and np.isfinite(t[name]['mean'])]
+            if points:
+                lines[name] = points
+        if lines:
+            panels.append((title, lines))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
