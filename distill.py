@@ -20,6 +20,7 @@ import click
 import torch
 
 import dnnlib
+from dnnlib.cli_types import FINITE_FLOAT
 import ikl
 import teachers
 from adapters import StyleGAN2Adapter
@@ -99,7 +100,7 @@ Examples:
   python distill.py --resume=runs/00000-distill-fmnist-edm''')
 @click.option('--teacher', metavar='PKL|URL|NAME', help='EDM teacher pickle, URL or official short name (e.g. cifar10-uncond)')
 @click.option('--student', type=click.Choice(['onestep', 'stylegan2']), default='onestep', show_default=True, help='Student network')
-@click.option('--init-sigma', type=float, default=1.0, show_default=True, help='onestep: the noise level the student denoises')
+@click.option('--init-sigma', type=FINITE_FLOAT, default=1.0, show_default=True, help='onestep: the noise level the student denoises')
 @click.option('--z-dim', type=click.IntRange(min=1), default=512, show_default=True, help='stylegan2: latent (and w) size')
 @click.option('--map', type=click.IntRange(min=1), default=2, show_default=True, help='stylegan2: mapping layers')
 @click.option('--cbase', type=click.IntRange(min=1), default=16384, show_default=True, help='stylegan2: channel base')

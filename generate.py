@@ -32,6 +32,7 @@ import torch
 import tqdm
 
 import dnnlib
+from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 import adapters
 import teachers.sampling
 from teachers.load import teacher_from_pickle_data
@@ -117,7 +118,7 @@ def load_projected_w(path: str, G) -> torch.Tensor:
 @click.option('--network', 'network_pkl', help='Network pickle (path or URL); loading it runs code inside it',
               metavar='PATH|URL', required=True)
 @click.option('--seeds', help='Seeds, e.g. 0-3,7', metavar='RANGE', callback=scripting.range_option)
-@click.option('--trunc', 'trunc', help='Truncation psi (StyleGAN2)', type=float, default=1, show_default=True)
+@click.option('--trunc', 'trunc', help='Truncation psi (StyleGAN2)', type=FINITE_FLOAT, default=1, show_default=True)
 @click.option('--trunc-cutoff', help='Truncate only the first N ws (StyleGAN2)', type=click.IntRange(min=1))
 @click.option('--class', 'class_idx', help='Class label (conditional networks)', type=click.IntRange(min=0))
 @click.option('--noise-mode', help='Noise inputs (StyleGAN2)', type=click.Choice(['const', 'random', 'none']),
@@ -130,7 +131,7 @@ def load_projected_w(path: str, G) -> torch.Tensor:
               show_default=True)
 @click.option('--init-sigma', help='One-step students: sample x0 = D(sigma z; sigma) at this sigma (default: the '
               "pickle's init_sigma, else 1.0); given for a diffusion model, samples it in one step too",
-              type=click.FloatRange(min=0, min_open=True), metavar='FLOAT')
+              type=FiniteFloatRange(min=0, min_open=True), metavar='FLOAT')
 @click.option('--device', help='Device (default: cuda if available, else cpu)', metavar='STR')
 @click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code is not on the allow-list')
 @click.option('--overwrite', is_flag=True, help='Replace existing images in --outdir')
@@ -157,7 +158,6 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
         raise click.UsageError('--trunc and --projected-w apply to StyleGAN2 generators only')
     if kind == 'stylegan2' and init_sigma is not None:
         raise click.UsageError('--init-sigma applies to one-step students and diffusion models only')
-    os.makedirs(outdir, exist_ok=True)
 
     if projected_w is not None:
         ws = load_projected_w(projected_w, net)
@@ -186,6 +186,7 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
                 raise click.ClickException(str(err)) from None
     images = np.concatenate(images)
 
+    os.makedirs(outdir, exist_ok=True)  # Only now: an error above leaves no empty folder behind.
     for image, name in zip(images, names):
         save_png(image, name)
     if grid:

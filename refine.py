@@ -17,6 +17,7 @@ import click
 import torch
 
 import dnnlib
+from dnnlib.cli_types import FiniteFloatRange
 import teachers
 from adapters import StyleGAN2Adapter
 import trainer_cli as cli
@@ -126,7 +127,7 @@ Examples:
 @click.option('--source-net', type=click.Choice(['G_ema', 'G']), default='G_ema', show_default=True, help='Which generator of the pickle to refine')
 @click.option('--train', type=click.Choice(['all', 'synthesis', 'mapping']), default='all', show_default=True, help='Which generator parameters train')
 @click.option('--train-noise-strength', type=bool, default=False, show_default=True, help='Also train the per-layer noise strengths (off: their IKL gradient is noise)')
-@click.option('--trunc', type=click.FloatRange(min=0), default=1.0, show_default=True, help='Truncation psi during training')
+@click.option('--trunc', type=FiniteFloatRange(min=0), default=1.0, show_default=True, help='Truncation psi during training')
 @click.option('--noise-mode', type=click.Choice(['random', 'const', 'none']), default='random', show_default=True, help='Synthesis noise during training')
 @cli.engine_options
 def main(resume, dry_run, **kwargs):

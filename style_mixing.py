@@ -16,6 +16,8 @@ Security: a network pickle contains code, and loading it runs that code. Only lo
 import os
 
 import click
+
+from dnnlib.cli_types import FINITE_FLOAT
 import numpy as np
 import torch
 
@@ -32,7 +34,7 @@ from torch_utils.images import image_grid, save_png, to_uint8_nhwc
               callback=scripting.range_option)
 @click.option('--styles', 'col_styles', help='Layers (ws indices) taken from the column seed', metavar='RANGE',
               default='0-6', show_default=True, callback=scripting.range_option)
-@click.option('--trunc', 'trunc', help='Truncation psi', type=float, default=1, show_default=True)
+@click.option('--trunc', 'trunc', help='Truncation psi', type=FINITE_FLOAT, default=1, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (conditional generators)', type=click.IntRange(min=0))
 @click.option('--noise-mode', help='Noise inputs', type=click.Choice(['const', 'random', 'none']), default='const',
               show_default=True)

@@ -16,6 +16,8 @@ import os
 import time
 
 import click
+
+from dnnlib.cli_types import FiniteFloatRange
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ def evaluate(net: FashionFeatureNet, images: torch.Tensor, labels: torch.Tensor,
 @click.option('--out', help='Where to save the weights (not overwritten)', metavar='FILE', required=True)
 @click.option('--epochs', help='Training epochs', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--lr', help='Peak learning rate (one-cycle)', type=click.FloatRange(min=0, min_open=True),
+@click.option('--lr', help='Peak learning rate (one-cycle)', type=FiniteFloatRange(min=0, min_open=True),
               default=3e-3, show_default=True)
 @click.option('--seed', help='Random seed', type=int, default=0, show_default=True)
 @click.option('--threads', help='CPU threads', type=click.IntRange(min=1), default=1, show_default=True)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from dnnlib.cli_types import FiniteFloatRange
 from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
 from stylegan2.pickles import NetworkPickleError, load_network_pkl, save_network_pkl
@@ -169,22 +170,22 @@ Examples:
 @click.option('--resume', type=click.Path(exists=True), help='Run directory (or training-state file) to continue; --kimg may extend it')
 @click.option('--init', type=click.Path(exists=True, dir_okay=False), help='Start from this network pickle\'s weights')
 @click.option('--cond', type=bool, default=False, show_default=True, help='Class-conditional (needs dataset labels)')
-@click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=150, show_default=True, help='Training duration')
+@click.option('--kimg', type=FiniteFloatRange(min=0, min_open=True), default=150, show_default=True, help='Training duration')
 @click.option('--batch', type=click.IntRange(min=1), default=32, show_default=True, help='Batch size')
-@click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='G learning rate')
-@click.option('--dlr', type=click.FloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='D learning rate')
-@click.option('--gamma', type=click.FloatRange(min=0), default=0.1, show_default=True, help='R1 weight')
-@click.option('--pl-weight', type=click.FloatRange(min=0), default=0.0, show_default=True, help='Path-length weight')
-@click.option('--style-mixing', type=click.FloatRange(min=0, max=1), default=0.0, show_default=True, help='Style-mixing probability')
-@click.option('--ema-kimg', type=click.FloatRange(min=0), default=10.0, show_default=True, help='EMA half-life of G_ema')
-@click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio')
+@click.option('--glr', type=FiniteFloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='G learning rate')
+@click.option('--dlr', type=FiniteFloatRange(min=0, min_open=True), default=0.0025, show_default=True, help='D learning rate')
+@click.option('--gamma', type=FiniteFloatRange(min=0), default=0.1, show_default=True, help='R1 weight')
+@click.option('--pl-weight', type=FiniteFloatRange(min=0), default=0.0, show_default=True, help='Path-length weight')
+@click.option('--style-mixing', type=FiniteFloatRange(min=0, max=1), default=0.0, show_default=True, help='Style-mixing probability')
+@click.option('--ema-kimg', type=FiniteFloatRange(min=0), default=10.0, show_default=True, help='EMA half-life of G_ema')
+@click.option('--ema-rampup', type=FiniteFloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio')
 @click.option('--z-dim', type=click.IntRange(min=1), default=64, show_default=True, help='Latent size (also w size)')
 @click.option('--map', type=click.IntRange(min=1), default=2, show_default=True, help='Mapping layers')
 @click.option('--cbase', type=click.IntRange(min=1), default=2048, show_default=True, help='Channel base')
 @click.option('--cmax', type=click.IntRange(min=1), default=64, show_default=True, help='Max channels per layer')
 @click.option('--d-arch', type=click.Choice(['orig', 'skip', 'resnet']), default='resnet', show_default=True, help='D architecture')
 @click.option('--mbstd', type=click.IntRange(min=1), default=4, show_default=True, help='Minibatch-std group size')
-@click.option('--tick', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick')
+@click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick')
 @click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot')
 @click.option('--grid', type=click.IntRange(min=1), default=64, show_default=True, help='Images in the sample grids')
 @click.option('--seed', type=int, default=0, show_default=True, help='Random seed')

@@ -23,6 +23,7 @@ import click
 import torch
 
 import dnnlib
+from dnnlib.cli_types import FiniteFloatRange
 from teachers.training_loop import init_from_pickle, training_loop
 from training.run import latest_training_state, new_run_dir, save_options
 from training.dataset import ImageFolderDataset
@@ -105,17 +106,17 @@ def check_resume_state(path: str, net: torch.nn.Module) -> None:
 @click.option('--cres', help='Channels per resolution, e.g. 1,2,2 [default: 2,2,2; adm 1,2,3,4]', callback=lambda c, p, v: parse_int_list(v))
 @click.option('--blocks', help='Residual blocks per resolution [default: 4, adm 3]', type=click.IntRange(min=1))
 @click.option('--attn', help='Resolutions with self-attention, e.g. 16 or 16,8 [default: 16; adm 32,16,8]', callback=lambda c, p, v: parse_int_list(v))
-@click.option('--dropout', help='Dropout probability', type=click.FloatRange(0, 1), default=0.13, show_default=True)
-@click.option('--label-dropout', help='Label dropout (for classifier-free guidance)', type=click.FloatRange(0, 1), default=0, show_default=True)
+@click.option('--dropout', help='Dropout probability', type=FiniteFloatRange(0, 1), default=0.13, show_default=True)
+@click.option('--label-dropout', help='Label dropout (for classifier-free guidance)', type=FiniteFloatRange(0, 1), default=0, show_default=True)
 @click.option('--batch', help='Batch size', type=click.IntRange(min=1), default=512, show_default=True)
-@click.option('--lr', help='Learning rate', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option('--ema', help='EMA half-life in Mimg', type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option('--ema-rampup', help='EMA half-life cap as a fraction of images seen (0: off)', type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option('--lr-rampup', help='Learning-rate warm-up in kimg [default: 5% of the run]', type=click.FloatRange(min=0))
-@click.option('--duration', help='Training length in Mimg [default: 200]', type=click.FloatRange(min=0, min_open=True))
-@click.option('--kimg', help='Training length in kimg (instead of --duration)', type=click.FloatRange(min=0, min_open=True))
+@click.option('--lr', help='Learning rate', type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option('--ema', help='EMA half-life in Mimg', type=FiniteFloatRange(min=0), default=0.5, show_default=True)
+@click.option('--ema-rampup', help='EMA half-life cap as a fraction of images seen (0: off)', type=FiniteFloatRange(min=0), default=0.05, show_default=True)
+@click.option('--lr-rampup', help='Learning-rate warm-up in kimg [default: 5% of the run]', type=FiniteFloatRange(min=0))
+@click.option('--duration', help='Training length in Mimg [default: 200]', type=FiniteFloatRange(min=0, min_open=True))
+@click.option('--kimg', help='Training length in kimg (instead of --duration)', type=FiniteFloatRange(min=0, min_open=True))
 @click.option('--xflip', help='Random horizontal flips', type=bool, default=False, show_default=True)
-@click.option('--tick', help='kimg between progress lines / stats', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--tick', help='kimg between progress lines / stats', type=FiniteFloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap', help='Ticks between snapshots and grids (0: only at the end)', type=click.IntRange(min=0), default=50, show_default=True)
 @click.option('--state-snap', help='Ticks between training states [default: --snap]', type=click.IntRange(min=0))
 @click.option('--grid', help='Images in each sample grid (0: none)', type=click.IntRange(min=0), default=64, show_default=True)

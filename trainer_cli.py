@@ -15,8 +15,9 @@ import click
 import torch
 
 import dnnlib
+from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 from adapters import TeacherSamplerAdapter
-from ikl.engine import default_snapshot, train
+from ikl.engine import TrainingDiverged, default_snapshot, train
 from ikl.options import TrainingOptions
 from metrics import GeneratorReference, MetricRunner
 from metrics.metric_main import append_jsonl
@@ -34,28 +35,32 @@ class SetupError(click.ClickException):
 def engine_options(fn: Callable) -> Callable:
     """Decorate a click command with every option of the training engine (defaults: the official settings)."""
     options = [
-        click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=1000, show_default=True, help='Duration in thousands of generator samples'),
+        click.option('--kimg', type=FiniteFloatRange(min=0, min_open=True), default=1000, show_default=True, help='Duration in thousands of generator samples'),
         click.option('--batch', type=click.IntRange(min=1), default=64, show_default=True, help='Global batch size'),
         click.option('--batch-gpu', type=click.IntRange(min=1), help='Samples per process per round (gradient accumulation)'),
         click.option('--divergence', type=click.Choice(['ikl', 'sds', 'sid']), default='ikl', show_default=True, help='Generator objective'),
         click.option('--sigma', type=click.Choice(['lognormal', 'karras', 'fixed']), default='lognormal', show_default=True, help='Noise-level distribution'),
-        click.option('--p-mean', type=float, default=-1.2, show_default=True, help='lognormal: mean of ln(sigma) (generator and fake-score losses)'),
-        click.option('--p-std', type=click.FloatRange(min=0), default=1.2, show_default=True, help='lognormal: std of ln(sigma) (generator and fake-score losses)'),
+        click.option('--p-mean', type=FINITE_FLOAT, default=-1.2, show_default=True, help='lognormal: mean of ln(sigma) (generator and fake-score losses)'),
+        click.option('--p-std', type=FiniteFloatRange(min=0), default=1.2, show_default=True, help='lognormal: std of ln(sigma) (generator and fake-score losses)'),
         click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True, help='Weight on the score difference'),
         click.option('--normalize', type=bool, default=False, show_default=True, help='Per-sample normalisation (DMD-style)'),
-        click.option('--glr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Generator learning rate'),
-        click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Fake-score learning rate'),
+        click.option('--glr', type=FiniteFloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Generator learning rate'),
+        click.option('--lr', type=FiniteFloatRange(min=0, min_open=True), default=1e-5, show_default=True, help='Fake-score learning rate'),
+        click.option('--g-beta1', type=FiniteFloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+                     help="Generator Adam beta1 (momentum; the fake score's stays 0)"),
         click.option('--fake-steps', type=click.IntRange(min=1), default=1, show_default=True, help='Fake-score steps per generator step'),
-        click.option('--fake-warmup', type=click.FloatRange(min=0), default=0, show_default=True,
+        click.option('--fake-warmup', type=FiniteFloatRange(min=0), default=0, show_default=True,
                      help='Fit the fake score alone to the generator for this many kimg first'),
-        click.option('--warmup', type=click.FloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg'),
-        click.option('--rampdown', type=click.FloatRange(min=0), default=0, show_default=True,
+        click.option('--warmup', type=FiniteFloatRange(min=0), default=0, show_default=True, help='Learning-rate warm-up, kimg'),
+        click.option('--rampdown', type=FiniteFloatRange(min=0), default=0, show_default=True,
                      help='Cosine learning-rate ramp-down to zero over the last N kimg'),
-        click.option('--ema', type=click.FloatRange(min=0), default=500, show_default=True, help='EMA half-life of the generator, kimg'),
-        click.option('--ema-rampup', type=click.FloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)'),
+        click.option('--ema', type=FiniteFloatRange(min=0), default=500, show_default=True, help='EMA half-life of the generator, kimg'),
+        click.option('--ema-rampup', type=FiniteFloatRange(min=0), default=0.05, show_default=True, help='EMA ramp-up ratio (0: none)'),
+        click.option('--max-skipped', type=click.IntRange(min=0), default=50, show_default=True,
+                     help='Stop after more non-finite steps than this in a row'),
         click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True, help='Autocast for the forwards (fp16 adds dynamic loss scaling)'),
         click.option('--schedule', type=click.Choice(['reuse', 'official']), default='reuse', show_default=True, help='One generator pass per step, or the official extra pass'),
-        click.option('--tick', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick (one stats line)'),
+        click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick (one stats line)'),
         click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot and grid'),
         click.option('--grid', type=click.IntRange(min=0), default=64, show_default=True, help='Images in the sample grids'),
         click.option('--seed', type=int, default=0, show_default=True, help='Random seed'),
@@ -81,7 +86,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         total_kimg=c.kimg, batch=c.batch, batch_gpu=c.batch_gpu, divergence=c.divergence, sigma=c.sigma,
         P_mean=c.p_mean, P_std=c.p_std, weighting=c.weighting, normalize=c.normalize, fake_steps=c.fake_steps,
         fake_warmup_kimg=c.get('fake_warmup', 0), fake_P_mean=c.p_mean, fake_P_std=c.p_std,
-        g_lr=c.glr, fake_lr=c.lr, lr_warmup_kimg=c.warmup, lr_rampdown_kimg=c.get('rampdown', 0), ema_halflife_kimg=c.ema,
+        g_lr=c.glr, fake_lr=c.lr, g_betas=(c.get('g_beta1', 0.0), 0.999), max_skipped_in_row=c.get('max_skipped', 50), lr_warmup_kimg=c.warmup, lr_rampdown_kimg=c.get('rampdown', 0), ema_halflife_kimg=c.ema,
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))
@@ -211,6 +216,8 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
         except KeyboardInterrupt as err:
             dist.print0(f'Interrupted: {err}')
             sys.exit(130)
+        except TrainingDiverged as err:
+            raise click.ClickException(f'training diverged: {err}') from None
         if dist.get_rank() == 0:
             plot_run(run_dir)
         dist.print0(summary(run_dir, trainer.cur_nimg))

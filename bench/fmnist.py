@@ -19,6 +19,8 @@ import sys
 import time
 
 import click
+
+from dnnlib.cli_types import FINITE_FLOAT
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,14 +50,14 @@ def run_tool(script: str, args: list, outdir: str) -> str:
 @click.option('--data', default='embedded/fmnist-32x32-fmnist.npz', show_default=True,
               help='Reference: dataset ZIP (dataset_tool.py) or statistics .npz (calc_ref.py)')
 @click.option('--num', type=click.IntRange(min=2), default=2000, show_default=True, help='Samples per distance')
-@click.option('--refine-kimg', type=float, default=2, show_default=True, help='Refinement length, fake warm-up included')
-@click.option('--fake-warmup', type=float, default=1, show_default=True, help='Refinement: fake-score warm-up, kimg')
-@click.option('--p-mean', type=float, default=-2.3, show_default=True, help='Refinement: mean of ln(sigma)')
-@click.option('--p-std', type=float, default=0.3, show_default=True, help='Refinement: std of ln(sigma)')
-@click.option('--distill-kimg', type=float, default=20, show_default=True)
+@click.option('--refine-kimg', type=FINITE_FLOAT, default=2, show_default=True, help='Refinement length, fake warm-up included')
+@click.option('--fake-warmup', type=FINITE_FLOAT, default=1, show_default=True, help='Refinement: fake-score warm-up, kimg')
+@click.option('--p-mean', type=FINITE_FLOAT, default=-2.3, show_default=True, help='Refinement: mean of ln(sigma)')
+@click.option('--p-std', type=FINITE_FLOAT, default=0.3, show_default=True, help='Refinement: std of ln(sigma)')
+@click.option('--distill-kimg', type=FINITE_FLOAT, default=20, show_default=True)
 @click.option('--batch', type=int, default=32, show_default=True)
-@click.option('--glr', type=float, default=1e-4, show_default=True, help='Generator lr for refine and distill')
-@click.option('--lr', type=float, default=1e-4, show_default=True, help='Fake-score lr for refine and distill')
+@click.option('--glr', type=FINITE_FLOAT, default=1e-4, show_default=True, help='Generator lr for refine and distill')
+@click.option('--lr', type=FINITE_FLOAT, default=1e-4, show_default=True, help='Fake-score lr for refine and distill')
 @click.option('--outdir', default='bench-out/fmnist', show_default=True)
 @click.option('--device', default='cpu', show_default=True)
 def main(gan, teacher, data, num, refine_kimg, fake_warmup, p_mean, p_std, distill_kimg, batch, glr, lr, outdir, device):

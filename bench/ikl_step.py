@@ -22,6 +22,8 @@ import tempfile
 import time
 
 import click
+
+from dnnlib.cli_types import FINITE_FLOAT
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,7 +77,7 @@ def time_unavoidable(teacher, batch: int) -> dict:
 @click.option('--batch', type=int, default=16, show_default=True)
 @click.option('--resolution', type=int, default=32, show_default=True)
 @click.option('--channels', type=int, default=32, show_default=True, help='SongUNet model_channels.')
-@click.option('--dropout', type=float, default=0.1, show_default=True)
+@click.option('--dropout', type=FINITE_FLOAT, default=0.1, show_default=True)
 @click.option('--iters', type=int, default=12, show_default=True, help='Timed iterations per schedule.')
 @click.option('--threads', type=int, default=1, show_default=True)
 def main(batch, resolution, channels, dropout, iters, threads):

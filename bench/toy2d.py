@@ -29,6 +29,8 @@ import time
 from typing import Callable
 
 import click
+
+from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,19 +162,19 @@ class OutputNoise(click.ParamType):
 
 @click.command()
 @click.option('--outdir', type=str, default='bench-out/toy2d', show_default=True)
-@click.option('--kimg', type=float, default=32000, show_default=True, help='Refinement length.')
+@click.option('--kimg', type=FINITE_FLOAT, default=32000, show_default=True, help='Refinement length.')
 @click.option('--batch', type=int, default=256, show_default=True)
-@click.option('--lr', type=float, default=1e-3, show_default=True)
-@click.option('--fake-lr', type=float, default=3e-3, show_default=True, help='Fake-score lr.')
+@click.option('--lr', type=FINITE_FLOAT, default=1e-3, show_default=True)
+@click.option('--fake-lr', type=FINITE_FLOAT, default=3e-3, show_default=True, help='Fake-score lr.')
 @click.option('--fake-steps', type=int, default=1, show_default=True)
-@click.option('--P-mean', 'p_mean', type=float, default=-1.2, show_default=True)
-@click.option('--P-std', 'p_std', type=float, default=1.2, show_default=True)
+@click.option('--P-mean', 'p_mean', type=FINITE_FLOAT, default=-1.2, show_default=True)
+@click.option('--P-std', 'p_std', type=FINITE_FLOAT, default=1.2, show_default=True)
 @click.option('--weighting', type=click.Choice(['denoiser', 'score']), default='denoiser', show_default=True)
 @click.option('--normalize', type=bool, default=False, show_default=True)
-@click.option('--ema', type=float, default=20, show_default=True, help='EMA half-life in kimg.')
-@click.option('--rampdown', type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option('--ema', type=FINITE_FLOAT, default=20, show_default=True, help='EMA half-life in kimg.')
+@click.option('--rampdown', type=FiniteFloatRange(0, 1), default=0.25, show_default=True,
               help='Cosine lr ramp-down over this last fraction of --kimg.')
-@click.option('--start-kimg', type=float, default=3000, show_default=True, help='Training of the mode-dropping start.')
+@click.option('--start-kimg', type=FINITE_FLOAT, default=3000, show_default=True, help='Training of the mode-dropping start.')
 @click.option('--fake-init', type=click.Choice(['learned', 'exact', 'mixture', 'empirical']), default='empirical',
               show_default=True,
               help='The refinement\'s fake score: a network fitted to the teacher (learned), the teacher plus a '
@@ -183,7 +185,7 @@ class OutputNoise(click.ParamType):
 @click.option('--g-width', type=int, default=128, show_default=True, help='Hidden units of the generator MLP.')
 @click.option('--g-depth', type=int, default=3, show_default=True, help='Hidden layers of the generator MLP.')
 @click.option('--g-act', type=click.Choice(sorted(ACTIVATIONS)), default='tanh', show_default=True, help='Its activation.')
-@click.option('--input-gain', type=float, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
+@click.option('--input-gain', type=FINITE_FLOAT, default=5.0, show_default=True, help='Its latent gain (ikl.toy.MLPGenerator).')
 @click.option('--output-noise', type=OutputNoise(), default=0.04, show_default=True,
               help='Latent noise added to the generator\'s output (ikl.toy.MLPGenerator): off; trained (its strength '
                    'learned, by the start and on by the refinement); or a strength held fixed during the refinement, '

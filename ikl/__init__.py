@@ -36,11 +36,11 @@ empirical denoiser).
 
 from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
 from .divergences import IKL, SDS, Divergence, SiD, edm_dsm_loss, make_divergence
-from .engine import LossScaler, Trainer, default_snapshot, train
+from .engine import LossScaler, Trainer, TrainingDiverged, default_snapshot, train
 from .options import TrainingOptions, build_divergence
 from .sigmas import Fixed, Karras, LogNormal, implied_weight, make_sigma_distribution
 
 __all__ = ['GeneratorAdapter', 'ModuleAdapter', 'OneStepStudentAdapter', 'IKL', 'SDS', 'SiD', 'Divergence',
-           'edm_dsm_loss', 'make_divergence', 'LossScaler', 'Trainer', 'TrainingOptions', 'default_snapshot',
+           'edm_dsm_loss', 'make_divergence', 'LossScaler', 'Trainer', 'TrainingDiverged', 'TrainingOptions', 'default_snapshot',
            'train', 'build_divergence', 'Fixed', 'Karras', 'LogNormal', 'implied_weight',
            'make_sigma_distribution']

@@ -53,6 +53,10 @@ from .sigmas import LogNormal
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row were skipped as non-finite: training on would only write stale networks."""
+
+
 class LossScaler:
     """Dynamic loss scaling plus the NaN/Inf guard: a step with non-finite gradients is skipped and counted, and
     (when scaling is on) the scale halves; after `growth_interval` good steps in a row it doubles. With scaling
@@ -64,8 +68,10 @@ class LossScaler:
         self.growth_interval = growth_interval
         self.good_steps = 0
         self.skipped = 0
+        self.skipped_in_row = 0
 
     def update(self, finite: bool) -> None:
+        self.skipped_in_row = 0 if finite else self.skipped_in_row + 1
         if not finite:
             self.skipped += 1
             self.good_steps = 0
@@ -78,10 +84,11 @@ class LossScaler:
             self.good_steps = 0
 
     def state_dict(self) -> Dict:
-        return dict(scale=self.scale, good_steps=self.good_steps, skipped=self.skipped)
+        return dict(scale=self.scale, good_steps=self.good_steps, skipped=self.skipped, skipped_in_row=self.skipped_in_row)
 
     def load_state_dict(self, state: Dict) -> None:
         self.scale, self.good_steps, self.skipped = float(state['scale']), int(state['good_steps']), int(state['skipped'])
+        self.skipped_in_row = int(state.get('skipped_in_row', 0))
 
 
 def default_snapshot(adapter: GeneratorAdapter, ema: GeneratorAdapter, fake_score: Optional[torch.nn.Module]) -> Dict:
@@ -131,7 +138,7 @@ class Trainer:
         self.g_params = [p for p in self.adapter.parameters() if p.requires_grad]
         if not self.g_params:
             raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
-        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=betas, eps=eps)
+        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=eps)
         self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
         # A fake score with an `observe(samples, labels)` method (ikl.toy.EmpiricalDenoiser) is not fitted by DSM:
         # each fake-score step hands it the generator's detached samples, gathered from every process.
@@ -189,11 +196,22 @@ class Trainer:
                 p.grad = g
             for group in optimizer.param_groups:
                 group['lr'] = lr
+            before = [p.detach().clone() for p in params]
             optimizer.step()
+            # Finite gradients can still make a non-finite update (an lr of inf, an overflow in Adam): undo it.
+            if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in params]).sum())):
+                with torch.no_grad():
+                    for p, old in zip(params, before):
+                        p.copy_(old)
+                finite = False
         scaler.update(finite)
         training_stats.report0(f'Progress/skipped_{name}', float(not finite))
         for p in params:
             p.grad = None
+        if scaler.skipped_in_row > self.opts.max_skipped_in_row:
+            raise TrainingDiverged(f'{name}: {scaler.skipped_in_row} steps in a row had non-finite gradients or '
+                                   f'updates; stopped (the last snapshot holds the last finite networks; lower the '
+                                   f'learning rates or raise --max-skipped)')
         return finite
 
     def _shares_fake_forward(self) -> bool:

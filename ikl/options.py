@@ -47,8 +47,10 @@ class TrainingOptions:
     # Optimisers.
     g_lr: float = 1e-5
     fake_lr: float = 1e-5
-    betas: tuple = (0.0, 0.999)
+    betas: tuple = (0.0, 0.999)     # Adam betas of the fake score (official: no momentum).
+    g_betas: tuple = (0.0, 0.999)   # Adam betas of the generator.
     adam_eps: float = 1e-8
+    max_skipped_in_row: int = 50    # Stop (TrainingDiverged) after more non-finite steps than this in a row.
     lr_warmup_kimg: float = 0.0     # Linear ramp of both learning rates (0: none).
     lr_rampdown_kimg: float = 0.0   # Cosine ramp of both learning rates to zero over the last N kimg (0: none).
     g_loss_scale: float = 1.0       # Static multipliers (official --ls / --sgls).
@@ -85,6 +87,7 @@ class TrainingOptions:
             raise ValueError(f'training options: unknown option(s) {unknown}; known: {sorted(known)}')
         opts = cls(**values)
         opts.betas = tuple(opts.betas)
+        opts.g_betas = tuple(opts.g_betas)
         return opts
 
     def to_dict(self) -> dnnlib.EasyDict:

@@ -153,6 +153,30 @@ def test_nan_guard_skips_bad_step_and_training_continues(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
 
 
+def test_non_finite_updates_are_undone_and_a_run_of_them_stops_training(tmp_path):
+    adapter, teacher, fake = _networks()
+    opts = dict(OPTS, lr_warmup_kimg=0, g_lr=float('inf'), max_skipped_in_row=3, total_kimg=0.32)
+    trainer = ikl.Trainer(adapter, teacher, fake, opts, str(tmp_path))
+    before = [p.detach().clone() for p in trainer.g_params]
+    for _ in range(3):  # Finite gradients, infinite steps: each update is undone and counted.
+        trainer.step()
+    assert trainer.g_scaler.skipped == 3 and trainer.g_scaler.skipped_in_row == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
+    with pytest.raises(ikl.TrainingDiverged, match='4 steps in a row'):
+        trainer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + list(trainer.ema.parameters()))
+    # Through the loop: snapshots written before the stop hold finite networks only.
+    adapter, teacher, fake = _networks()
+    with pytest.raises(ikl.TrainingDiverged):
+        ikl.train(adapter, teacher, fake, dict(opts, max_skipped_in_row=5), str(tmp_path / 'run'))
+    paths = glob.glob(str(tmp_path / 'run' / 'network-snapshot-*.pkl'))
+    assert paths
+    for path in paths:
+        with open(path, 'rb') as f:
+            G = pickle.load(f)['G_ema']
+        assert all(bool(torch.isfinite(p).all()) for p in G.parameters())
+
+
 def test_loss_scaler_backs_off_and_grows():
     scaler = ikl.LossScaler(True, init_scale=1024.0, growth_interval=3)
     scaler.update(False)
@@ -291,7 +315,10 @@ def test_one_step_student_on_image_teacher_with_mixed_precision(tmp_path, precis
     assert list(x.shape) == [2, 3, 8, 8] and labels is None and x.requires_grad
     opts = dict(OPTS, batch=4, batch_gpu=4, total_kimg=0.008, tick_kimg=0.008, precision=precision, grid_size=4, image_ticks=1)
     trainer = ikl.train(adapter, teacher, copy.deepcopy(teacher), opts, str(tmp_path))
-    assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0) or trainer.g_scaler.skipped > 0
+    if precision == 'fp16':  # Every skipped step halves the scale; 2 steps are far below the growth interval.
+        assert trainer.g_scaler.scale == 2.0 ** 15 * 0.5 ** trainer.g_scaler.skipped
+    else:  # bf16 needs no scaling, and no step may be skipped.
+        assert trainer.g_scaler.scale == 1.0 and trainer.g_scaler.skipped == 0
     assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params)
     assert (tmp_path / 'fakes000000.008.png').exists()
     with open(tmp_path / 'network-snapshot-000000.008.pkl', 'rb') as f:

@@ -77,6 +77,7 @@ def test_generate_errors(tmp_path, network_pkl):
     for args, fragment in cases:
         result = run(generate.main, args + ['--outdir', str(tmp_path / 'o')])
         assert result.exit_code != 0 and fragment in result.output, (args, result.output)
+        assert not (tmp_path / 'o').exists()  # A failed run leaves no empty output folder behind.
     result = run(generate.main, ['--network', conditional, '--seeds', '0-1', '--class', '2',
                                  '--outdir', str(tmp_path / 'cond')])
     assert result.exit_code == 0 and len(os.listdir(tmp_path / 'cond')) == 2
