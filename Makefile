@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests experiments -q
 
 # The main job on the embedded default: the shipped well-trained Fashion-MNIST StyleGAN2 (240 kimg) refined by the
 # shipped 492-kimg EDM teacher on the CPU (a few minutes), with the official noise law. It prints the Frechet

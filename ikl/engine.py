@@ -171,7 +171,7 @@ class Trainer:
 
     def _lr_factor(self) -> float:
         """Linear warm-up from zero, then a cosine ramp-down that reaches zero at total_kimg. A late ramp-down lets
-        the generator settle where a constant lr keeps it jittering (sharper modes in `bench/toy2d.py`)."""
+        the generator settle where a constant lr keeps it jittering (sharper modes in `experiments/toy2d/toy2d.py`)."""
         o, kimg = self.opts, self.cur_nimg / 1000
         factor = min(kimg / o.lr_warmup_kimg, 1.0) if o.lr_warmup_kimg > 0 else 1.0
         if o.lr_rampdown_kimg > 0:

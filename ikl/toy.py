@@ -33,14 +33,14 @@ class MLPGenerator(torch.nn.Module):
     """z [N, z_dim] -> x [N, out_dim]. A continuous map from a Gaussian latent to well-separated modes needs
     steep transitions between them, and every sample on a transition lands between modes. `input_gain` scales z
     so that steep transitions need smaller weights; ReLU layers make sharper ones than SiLU layers, and saturating
-    tanh layers make flat plateaus joined by steep steps, the sharpest (bench/toy2d.py).
+    tanh layers make flat plateaus joined by steep steps, the sharpest (experiments/toy2d/toy2d.py).
 
     With `output_noise`, z also holds `out_dim` noise values added to the output with a learned per-coordinate
     strength (initially `noise_init`), like StyleGAN2's noise inputs: x = MLP(z[:, :latent_dim]) + a * z[:, latent_dim:].
     The MLP could then map each latent cell to a point, which saturating layers do well, and leave the spread to
     the noise. By Stein's lemma the strength's gradient is the strength times the mean derivative, along its
     coordinate, of the update the samples receive: near zero it is mostly noise, and trained under IKL it stays
-    there (the README's toy2d rows); bench/toy2d.py holds it fixed instead (at 0.04 by default)."""
+    there (experiments/toy2d/README.md); experiments/toy2d/toy2d.py holds it fixed instead (at 0.04 by default)."""
 
     def __init__(self, latent_dim: int = 2, out_dim: int = 2, hidden: int = 128, layers: int = 3, input_gain: float = 1.0,
                  activation: str = 'silu', output_noise: bool = False, noise_init: float = 0.01):
@@ -85,7 +85,7 @@ class MLPDenoiser(_VectorDenoiser):
     With `base` (a denoiser, e.g. an analytic teacher), D(x) = base(x) + c_out F(...) with F's last layer zeroed:
     a fake score that starts as an exact copy of a teacher no network can copy exactly. A fake score fitted to
     such a teacher is blurrier than it at small sigma, so the IKL gradient is not zero where the generator matches
-    the data (bench/toy2d.py; the README's toy2d notes say what else narrows the generator's modes)."""
+    the data (experiments/toy2d/toy2d.py; experiments/toy2d/README.md say what else narrows the generator's modes)."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, sigma_data: float = 0.5, num_freqs: int = 16,
                  base: Optional[torch.nn.Module] = None):
@@ -115,7 +115,7 @@ class MLPDenoiser(_VectorDenoiser):
 class EmpiricalDenoiser(_VectorDenoiser):
     """The exact denoiser of the empirical distribution of the last N generator samples: a fake score
     with no fitting error, for low-dimensional data, to tell the IKL gradient's own behaviour from a fitted fake
-    score's (bench/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i
+    score's (experiments/toy2d/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i
     over the stored samples b_i; cost O(batch * N) per call. Its errors are the finite sample (below the
     samples' spacing it snaps to the nearest one) and a lag of N / batch iterations. N is the number of `initial`
     samples it starts from (fresh samples of the generator).

@@ -16,7 +16,7 @@ mixture to that class's components.
 
 With `trainable=True` the means, log-variances and weight logits are parameters: `trainable_copy()` gives a fake
 score of the teacher's own family that starts as its exact copy and can be fitted to a generator's samples by
-denoising score matching, as a network fake score is a copy of a network teacher (bench/toy2d.py).
+denoising score matching, as a network fake score is a copy of a network teacher (experiments/toy2d/toy2d.py).
 """
 
 import math

@@ -1,4 +1,4 @@
-"""bench/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory;
+"""experiments/toy2d/toy2d.py: its coverage metric against the closed form and under collapsed modes; its snapshot trajectory;
 its --output-noise option."""
 
 import json
@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from toy2d import coverage  # noqa: E402
 

@@ -30,10 +30,11 @@ from typing import Callable
 
 import click
 
-from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange  # noqa: E402
 
 import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
