@@ -113,9 +113,9 @@ Examples:
   python refine.py --network=ffhq256.pkl --teacher=edm-ffhq-64x64-uncond-vp --train=synthesis --outdir=runs
   # The shipped Fashion-MNIST models (embedded/README.md) on the CPU, with the Frechet distance in the offline
   # detector's features at the start and at the end (what `make demo` runs):
-  python refine.py --network=embedded/fmnist-stylegan2.pkl --teacher=embedded/fmnist-edm.pkl --outdir=runs \\
-      --kimg=2 --fake-warmup=1 --p-mean=-2.3 --p-std=0.3 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 \\
-      --snap=1000 --metrics=fid2000_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
+  python refine.py --network=embedded/fmnist-stylegan2-240kimg.pkl --teacher=embedded/fmnist-edm-492kimg.pkl \\
+      --outdir=runs --kimg=2 --fake-warmup=1 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 --snap=1 \\
+      --metrics=fid2000_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
   # Data-free metrics instead (reference: samples of the teacher):
   python refine.py --network=g.pkl --teacher=edm.pkl --metrics=fid10k_full --outdir=runs
   # Continue a stopped run exactly where it left off:

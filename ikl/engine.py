@@ -370,7 +370,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = torch.load(path, map_location=self.device, weights_only=True)
         except (OSError, RuntimeError, pickle.UnpicklingError) as err:
             raise ValueError(f'resume: cannot read training state {path!r}: {err}') from None
         self.load_state_dict(state)

@@ -95,7 +95,7 @@ def test_kimg_files_lists_a_runs_files_by_kimg_and_the_latest_state_is_the_last(
     from training.run import kimg_files, latest_training_state
     for name in ['training-state-000010.pt', 'training-state-000000.032.pt', 'training-state-000002.pt',
                  'training-state-x.pt', 'network-snapshot-000002.pkl']:
-        (tmp_path / name).write_bytes(b'')
+        torch.save({}, tmp_path / name)
     assert [k for k, _ in kimg_files(str(tmp_path), 'training-state', 'pt')] == [0.032, 2.0, 10.0]
     assert kimg_files(str(tmp_path), 'network-snapshot', 'pkl') == [(2.0, str(tmp_path / 'network-snapshot-000002.pkl'))]
     assert latest_training_state(str(tmp_path)) == str(tmp_path / 'training-state-000010.pt')

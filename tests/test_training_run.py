@@ -15,7 +15,7 @@ def test_kimg_labels_and_latest_state(tmp_path):
     assert run_layer.kimg_label(0) == '000000' and run_layer.kimg_label(123000) == '000123'
     assert run_layer.kimg_label(32) == '000000.032' and run_layer.kimg_label(1500) == '000001.500'
     for nimg in (0, 32, 1000, 1500):
-        (tmp_path / f'training-state-{run_layer.kimg_label(nimg)}.pt').write_bytes(b'')
+        torch.save(dict(nimg=nimg), tmp_path / f'training-state-{run_layer.kimg_label(nimg)}.pt')
     assert run_layer.latest_training_state(str(tmp_path)).endswith('training-state-000001.500.pt')
     os.makedirs(tmp_path / 'empty')
     with pytest.raises(FileNotFoundError, match='no training-state'):
@@ -86,3 +86,19 @@ def test_ctrl_c_ends_the_tick_then_raises_after_saving(tmp_path, signum):
         run.close()
     assert 'Stopped at 0.02 kimg' in open(tmp_path / 'log.txt').read()
     assert signal.getsignal(signum) is before
+
+
+def test_a_corrupt_newest_state_falls_back_to_the_previous_one(tmp_path, capsys):
+    for kimg in ('000001.000', '000002.000', '000003.000'):
+        torch.save(dict(weights=torch.arange(4096.0)), tmp_path / f'training-state-{kimg}.pt')  # mostly tensor data
+    good = (tmp_path / 'training-state-000003.000.pt').read_bytes()
+    (tmp_path / 'training-state-000003.000.pt').write_bytes(good[:len(good) // 2])  # killed mid-write
+    corrupt = bytearray((tmp_path / 'training-state-000002.000.pt').read_bytes())
+    corrupt[len(corrupt) // 2] ^= 0xFF  # a flipped bit inside the tensor's bytes
+    (tmp_path / 'training-state-000002.000.pt').write_bytes(bytes(corrupt))
+    assert run_layer.latest_training_state(str(tmp_path)).endswith('training-state-000001.000.pt')
+    out = capsys.readouterr().out
+    assert 'training-state-000003.000.pt is truncated or corrupt' in out and '000002.000' in out
+    (tmp_path / 'training-state-000001.000.pt').write_bytes(b'junk')
+    with pytest.raises(FileNotFoundError, match='no readable training-state'):
+        run_layer.latest_training_state(str(tmp_path), required=True)

@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import zipfile
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -42,17 +43,31 @@ def kimg_files(run_dir: str, prefix: str, ext: str) -> List[Tuple[float, str]]:
     return sorted((float(m.group(1)), p) for m, p in found if m)
 
 
+def _readable_archive(path: str) -> bool:
+    """Whether a torch.save file is whole: a truncated or corrupted zip fails its CRC check."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
 def latest_training_state(path: str, required: bool = False) -> Optional[str]:
-    """A `training-state-*.pt` file itself, or the newest one in a run directory (None when it has none,
-    FileNotFoundError instead when `required`)."""
+    """A `training-state-*.pt` file itself, or the newest whole one in a run directory (None when it has none,
+    FileNotFoundError instead when `required`). A truncated or corrupt newer state is skipped with a warning."""
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume {path}: no such file or run directory')
         return path
-    states = kimg_files(path, 'training-state', 'pt')
-    if not states and required:
-        raise FileNotFoundError(f'--resume {path}: no training-state-*.pt in this directory')
-    return states[-1][1] if states else None
+    states = [state for _, state in kimg_files(path, 'training-state', 'pt')]
+    for state in reversed(states):
+        if _readable_archive(state):
+            return state
+        dist.print0(f'Warning: {state} is truncated or corrupt; falling back to the previous training state')
+    if required:
+        what = 'no readable training-state-*.pt' if states else 'no training-state-*.pt'
+        raise FileNotFoundError(f'--resume {path}: {what} in this directory')
+    return None
 
 
 def atomic_write(path: str, write: Callable) -> None:
