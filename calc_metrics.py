@@ -22,7 +22,7 @@ import os
 import click
 import torch
 
-import adapters
+from pipelines import generators
 import dnnlib
 from torch_utils import persistence
 from torch_utils.pickle_reader import NetworkPickleError
@@ -60,7 +60,7 @@ def run_dir_of(network_pkl):
 def load_network(path, device, option):
     """A generator adapter, with the option's name in front of a load error."""
     try:
-        return adapters.load_generator(path, device)
+        return generators.load_generator(path, device)
     except NetworkPickleError as err:
         raise click.ClickException(f'{option} {err}') from None
 

@@ -23,9 +23,9 @@ import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT
 import ikl
 import teachers
-from adapters import StyleGAN2Adapter
-import trainer_cli as cli
-from trainer_cli import SetupError
+from pipelines.generators import StyleGAN2Adapter
+from pipelines import cli
+from pipelines.cli import SetupError
 from stylegan2 import networks as stylegan2_networks
 from torch_utils import distributed as dist
 from torch_utils import persistence

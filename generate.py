@@ -33,7 +33,7 @@ import tqdm
 
 import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
-import adapters
+from pipelines import generators
 import teachers.sampling
 from teachers.load import teacher_from_pickle_data
 from stylegan2 import pickles, scripting
@@ -85,7 +85,7 @@ def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np
 def load_renderer(network_pkl: str, opts):
     """(kind, network, render function) for a pickle; a new kind of generator is one more branch here."""
     data = pickles.read_pickle(network_pkl)
-    kind = adapters.pickle_kind(data)
+    kind = generators.pickle_kind(data)
     if kind in ('diffusion', 'one-step'):
         net = teacher_from_pickle_data(data, source=network_pkl)
         if opts.init_sigma is None and kind == 'one-step':

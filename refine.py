@@ -19,9 +19,9 @@ import torch
 import dnnlib
 from dnnlib.cli_types import FiniteFloatRange
 import teachers
-from adapters import StyleGAN2Adapter
-import trainer_cli as cli
-from trainer_cli import SetupError
+from pipelines.generators import StyleGAN2Adapter
+from pipelines import cli
+from pipelines.cli import SetupError
 from stylegan2.pickles import NetworkPickleError, load_network_pkl, rebuild_network
 from torch_utils import distributed as dist
 from torch_utils import persistence

@@ -25,7 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import adapters  # noqa: E402
+from pipelines import generators
 from metrics import compute_metrics  # noqa: E402
 
 
@@ -76,17 +76,17 @@ def main(gan, teacher, data, num, refine_kimg, fake_warmup, p_mean, p_std, disti
         rows[name] = dict(fd=fd, seconds=seconds_before + time.time() - start)
         print(f'{name:<22} fd_fmnist {fd:9.3f}   {rows[name]["seconds"]:8.1f} s', flush=True)
 
-    measure('gan', lambda: adapters.load_generator(gan, device))
+    measure('gan', lambda: generators.load_generator(gan, device))
     start = time.time()
     refined = run_tool('refine.py', ['--network', gan, '--teacher', teacher, '--kimg', str(refine_kimg),
                                     '--fake-warmup', str(fake_warmup), '--p-mean', str(p_mean), '--p-std', str(p_std)]
                       + common, outdir)
-    measure('gan_refined', lambda: adapters.load_generator(refined, device), time.time() - start)
+    measure('gan_refined', lambda: generators.load_generator(refined, device), time.time() - start)
     for steps in (18, 35):
-        measure(f'teacher_heun{steps}', lambda: adapters.load_generator(teacher, device, num_steps=steps))
+        measure(f'teacher_heun{steps}', lambda: generators.load_generator(teacher, device, num_steps=steps))
     start = time.time()
     student = run_tool('distill.py', ['--teacher', teacher, '--kimg', str(distill_kimg)] + common, outdir)
-    measure('student_one_step', lambda: adapters.load_generator(student, device), time.time() - start)
+    measure('student_one_step', lambda: generators.load_generator(student, device), time.time() - start)
 
     ratios = dict(refined_over_gan=rows['gan_refined']['fd'] / rows['gan']['fd'],
                   student_over_teacher35=rows['student_one_step']['fd'] / rows['teacher_heun35']['fd'])

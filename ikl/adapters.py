@@ -10,7 +10,7 @@ An adapter is a `torch.nn.Module` holding the generator's trainable parts, with
 - attributes `img_resolution`, `img_channels`, `label_dim`.
 
 The engine keeps its EMA copy with `copy.deepcopy(adapter)`, so adapters must be deep-copyable. Adapters for
-specific network families (StyleGAN2) live with the code that wires them (the root `adapters.py`); the ones here
+specific network families (StyleGAN2) live with the code that wires them (`pipelines/generators.py`); the ones here
 need nothing but torch.
 """
 

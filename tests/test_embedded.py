@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import adapters
+from pipelines import generators
 import teachers
 from metrics import compute_metrics
 from metrics.detectors import load_detector
@@ -43,7 +43,7 @@ def test_embedded_generators_sample_images_of_the_right_kind():
         G = load_network_pkl(path(kind))['G_ema']
         assert (G.img_resolution, G.img_channels, G.c_dim) == (32, 1, 10)
     for kind in ('gan', 'gan240', 'student'):
-        images, labels = adapters.load_generator(path(kind), torch.device('cpu')).sample(8, torch.Generator().manual_seed(0))
+        images, labels = generators.load_generator(path(kind), torch.device('cpu')).sample(8, torch.Generator().manual_seed(0))
         assert images.shape == (8, 1, 32, 32) and torch.isfinite(images).all(), kind
         assert labels.shape == (8, 10) and bool((labels.sum(1) == 1).all()), kind
         # Garments on a black background, as in the data: the corners are dark, the centre is not.

@@ -1,4 +1,4 @@
-"""calc_metrics.py end to end, with a stand-in for the root `adapters.load_generator`."""
+"""calc_metrics.py end to end, with a stand-in for the root `generators.load_generator`."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def setup(tmp_path, monkeypatch):
             adapter.training_set_kwargs = dict(path=str(tmp_path / 'data.zip'))
         return adapter
 
-    monkeypatch.setattr(calc_metrics, 'adapters', types.SimpleNamespace(load_generator=load_generator))
+    monkeypatch.setattr(calc_metrics, 'generators', types.SimpleNamespace(load_generator=load_generator))
     dnnlib.util.set_cache_dir(str(tmp_path / 'cache'))
     with np.load(DATA) as data:
         write_dataset_zip(tmp_path / 'data.zip', data['images'][:40])

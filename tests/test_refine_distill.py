@@ -13,8 +13,8 @@ import dnnlib
 import distill
 import generate
 import refine
-from adapters import StyleGAN2Adapter
-import trainer_cli
+from pipelines.generators import StyleGAN2Adapter
+from pipelines import cli
 from stylegan2 import networks as sg
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 from teachers import networks as tn
@@ -117,7 +117,7 @@ def test_summary_compares_first_and_last_metric_records(tmp_path):
                dict(metric='fd_x1k', results=dict(fd_x1k=7.25), snapshot_pkl='a/network-snapshot-000004.pkl')]
     (tmp_path / 'metric-fd_x1k.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
     (tmp_path / 'metric-kd_x1k.jsonl').write_text(json.dumps(dict(results=dict(kd_x1k=1.0), snapshot_pkl=None)) + '\n')
-    text = trainer_cli.summary(str(tmp_path), 4000)
+    text = cli.summary(str(tmp_path), 4000)
     assert text.splitlines() == [f'Done at 4 kimg: {tmp_path}', '  grids: fakes_init.png (start), fakes000004.png (end)',
                                  '  fd_x1k: 11 at start -> 7.25 at the end']
 
@@ -222,9 +222,9 @@ def test_best_snapshot_follows_the_lowest_distance_and_curves_are_drawn(tmp_path
         path = os.path.join(run_dir, name)
         open(path, 'wb').write(name.encode())
         results = dict(pr_x1k3_precision=0.1, fd_x1k=value)
-        trainer_cli.keep_best(run_dir, path, results)
+        cli.keep_best(run_dir, path, results)
         records.append(dict(results=results, snapshot_pkl=path))
-    assert trainer_cli.selection_metric(dict(pr50k3_full_precision=1, kid2k_full=2)) == 'kid2k_full'
+    assert cli.selection_metric(dict(pr50k3_full_precision=1, kid2k_full=2)) == 'kid2k_full'
     assert open(os.path.join(run_dir, 'network-snapshot-best.pkl'), 'rb').read() == b'network-snapshot-000004.pkl'
     assert json.load(open(os.path.join(run_dir, 'best.json'))) == dict(metric='fd_x1k', value=7.5,
                                                                        snapshot='network-snapshot-000004.pkl')

@@ -16,7 +16,7 @@ import torch
 
 import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
-from adapters import TeacherSamplerAdapter
+from pipelines.generators import TeacherSamplerAdapter
 from ikl.engine import TrainingDiverged, default_snapshot, train
 from ikl.options import TrainingOptions
 from metrics import GeneratorReference, MetricRunner
