@@ -22,13 +22,12 @@ import os
 import click
 import torch
 
-from pipelines import generators
 import dnnlib
 from torch_utils import persistence
 from torch_utils.pickle_reader import NetworkPickleError
 from metrics import compute_metrics, metric_main
-from metrics.detectors import file_identity
-from metrics.references import GeneratorReference, make_reference
+from metrics.references import make_reference
+from pipelines import generators
 
 
 def parse_comma_list(value):
@@ -114,11 +113,8 @@ def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detect
         elif ref is not None:
             reference = make_reference(ref)
         elif ref_network is not None:
-            ref_path = dnnlib.util.open_url(ref_network, return_filename=True)
             ref_generator = load_network(ref_network, device, '--ref-network')
-            sampler = getattr(ref_generator, 'sampler_kwargs', None)
-            reference = GeneratorReference(ref_generator, num=ref_num, batch_size=batch_size,
-                                           cache_key=f'{file_identity(ref_path)}:{sampler!r}')
+            reference = generators.sample_reference(ref_network, ref_generator, num=ref_num, batch_size=batch_size)
         elif getattr(generator, 'training_set_kwargs', None):  # As upstream: the data the pickle was trained on.
             reference = make_reference(generator.training_set_kwargs['path'], mirror=mirror, batch_size=batch_size,
                                        num_workers=workers)

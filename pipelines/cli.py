@@ -16,16 +16,17 @@ import torch
 
 import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
-from pipelines.generators import TeacherSamplerAdapter
 from ikl.engine import TrainingDiverged, default_snapshot, train
 from ikl.options import TrainingOptions
-from metrics import GeneratorReference, MetricRunner
+from metrics import MetricRunner
 from metrics.metric_main import append_jsonl
 from metrics.pixels import pixel_statistics
 from torch_utils import distributed as dist
 from training.plots import is_distance, plot_run
 from training.run import atomic_write, kimg_label, latest_training_state, save_options
 from training.run import load_options as load_run_options
+
+from .generators import TeacherSamplerAdapter, sample_reference
 
 
 class SetupError(click.ClickException):
@@ -148,9 +149,8 @@ def metrics_hook(c: dnnlib.EasyDict, teacher: torch.nn.Module, to_generator: Cal
         return None
     if c.metrics_ref:
         reference = c.metrics_ref
-    else:  # Data-free: samples of the teacher itself (EDM's 18-step Heun), cached by the teacher's source.
-        reference = GeneratorReference(TeacherSamplerAdapter(teacher, num_steps=18), num=c.metrics_ref_num,
-                                       cache_key=f'teacher:{os.path.abspath(c.teacher) if os.path.exists(c.teacher) else c.teacher}:heun18')
+    else:  # Data-free: samples of the teacher itself (EDM's 18-step Heun), cached by the teacher file's content.
+        reference = sample_reference(c.teacher, TeacherSamplerAdapter(teacher, num_steps=18), num=c.metrics_ref_num)
     try:
         runner = MetricRunner(names, reference=reference, detector=c.detector, device=device, run_dir=run_dir)
     except ValueError as err:

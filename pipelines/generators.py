@@ -10,8 +10,12 @@ from typing import Any, Optional
 
 import torch
 
+import dnnlib
 import ikl
+from metrics.detectors import file_identity
+from metrics.references import GeneratorReference
 from stylegan2 import pickles
+from teachers.load import resolve as resolve_teacher
 from teachers.load import teacher_from_pickle_data
 from teachers.sampling import edm_sampler
 
@@ -169,3 +173,12 @@ def load_generator(path_or_url: str, device: Any = 'cpu', init_sigma: Optional[f
         adapter = TeacherSamplerAdapter(net, num_steps=num_steps)
     adapter.training_set_kwargs = data.get('dataset_kwargs')
     return adapter.to(device)
+
+
+def sample_reference(path_or_url: str, adapter: ikl.GeneratorAdapter, num: int, batch_size: int = 64) -> GeneratorReference:
+    """Reference statistics from samples of a network file (e.g. the teacher: "FID to teacher", data-free), cached
+    under one key, the file's content hash and the sampler settings, whichever script asks (refine.py, distill.py,
+    calc_metrics.py share the cache)."""
+    local = dnnlib.util.open_url(resolve_teacher(path_or_url), return_filename=True)
+    key = f'{file_identity(local)}:{getattr(adapter, "sampler_kwargs", None)!r}'
+    return GeneratorReference(adapter, num=num, batch_size=batch_size, cache_key=key)

@@ -17,6 +17,7 @@ from pipelines.generators import StyleGAN2Adapter
 from pipelines import cli
 from stylegan2 import networks as sg
 from stylegan2.pickles import load_network_pkl, save_network_pkl
+import teachers  # noqa: E402
 from teachers import networks as tn
 
 FAST = ['--batch', '4', '--tick', '0.008', '--snap', '1', '--grid', '4', '--no-progress', '--device', 'cpu',
@@ -313,3 +314,14 @@ def test_sigterm_saves_a_state_that_resumes_exactly(tmp_path, files):
     b = load_network_pkl(last_snapshot(only_run_dir(str(tmp_path / 'b'))))
     for key in ('G', 'G_ema'):
         assert all(torch.equal(pa, pb) for pa, pb in zip(a[key].parameters(), b[key].parameters())), key
+
+
+def test_teacher_sample_reference_has_one_cache_key_for_every_script(files):
+    """refine.py's data-free reference and calc_metrics.py --ref-network share their cached statistics."""
+    from pipelines import generators
+    teacher = teachers.load(files['teacher8'])
+    in_refine = generators.sample_reference(files['teacher8'], generators.TeacherSamplerAdapter(teacher, num_steps=18), num=8)
+    in_calc_metrics = generators.sample_reference(files['teacher8'], generators.load_generator(files['teacher8']), num=8)
+    assert in_refine.cache_key == in_calc_metrics.cache_key
+    other = generators.sample_reference(files['teacher8_cond'], generators.load_generator(files['teacher8_cond']), num=8)
+    assert other.cache_key != in_refine.cache_key
