@@ -32,7 +32,7 @@ class TrainingOptions:
     sigma_max: float = 80.0
     rho: float = 7.0
     karras_steps: int = 1000
-    t_min: float = 0.0              # karras: sub-range of the schedule, 0 = sigma_max end, 1 = sigma_min end.
+    t_min: float = 0.0              # karras: sub-range of the schedule, 0 = sigma_min end, 1 = sigma_max end (SiD).
     t_max: float = 1.0
     sigma_fixed: float = 0.002      # fixed: the single sigma (small: the t = 0 limit, i.e. plain KL).
     weighting: str = 'denoiser'     # denoiser (official: unit weight on D_fake - D_teacher) | score

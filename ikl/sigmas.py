@@ -73,8 +73,8 @@ class Karras(SigmaDistribution):
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def _atoms(self) -> np.ndarray:
-        # t = 0 is the top of the schedule (sigma_max), t = 1 its bottom (sigma_min), as in SiD's t in [0, 0.8].
-        sig = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
+        # SiD's convention: t = 0 at sigma_min, t = 1 at sigma_max, so its t in [0, 0.8] is sigma in [0.002, 24.2].
+        sig = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)[::-1].copy()
         lo, hi = round(self.t_min * (self.num_steps - 1)), round(self.t_max * (self.num_steps - 1))
         return sig[lo:hi + 1]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ikl.divergences import IKL, SDS, SiD, edm_dsm_loss
-from ikl.sigmas import Fixed, Karras, LogNormal, implied_weight
+from ikl.sigmas import Fixed, Karras, LogNormal, get_weighting, implied_weight
 from teachers.analytic import GaussianMixture
 
 
@@ -111,6 +111,50 @@ def test_sid_pushes_mean_towards_teacher():
     loss = SiD(LogNormal()).generator_loss(x0, None, teacher, fake, torch.Generator().manual_seed(1))
     grad = torch.autograd.grad(loss.mean(), mu)[0]
     assert grad.item() > 0.05  # descent lowers mu towards the teacher's mean 0
+
+
+class _Gauss1d(torch.nn.Module):
+    """Exact denoiser of N(mean, var) in 1-D, differentiable in its input and (if they are tensors) its parameters."""
+
+    def __init__(self, mean, var):
+        super().__init__()
+        self.mean, self.var = mean, var
+
+    def forward(self, x, sigma, labels=None):
+        return (x * self.var + self.mean * sigma ** 2) / (self.var + sigma ** 2)
+
+
+@pytest.mark.parametrize('sigma', [0.6, 2.0])
+def test_sid_with_alpha_half_is_half_the_fisher_divergence_gradient(sigma):
+    """SiD's score identity: with the fake score the generator's exact denoiser (weights held fixed, gradients
+    through the inputs only), alpha = 0.5 and no normaliser, the loss's gradient equals half the gradient of the
+    Fisher divergence E lam |D_teacher - D_q(theta)|^2, whose fake side moves with theta."""
+    m, v = 0.7, 0.25                                   # teacher: the data N(m, v)
+    mu = torch.tensor(0.1, requires_grad=True)         # generator: x0 = mu + s * eps
+    s = torch.tensor(0.8, requires_grad=True)
+    n = 400000
+    x0 = mu + s * torch.randn(n, 1, generator=torch.Generator().manual_seed(1))
+    teacher, fake = _Gauss1d(m, v), _Gauss1d(mu.detach(), (s ** 2).detach())
+
+    def sid_grad(alpha):
+        div = SiD(Fixed(sigma), alpha=alpha, normalize=False)
+        loss = div.generator_loss(x0, None, teacher, fake, torch.Generator().manual_seed(2)).sum() / n
+        return torch.stack(torch.autograd.grad(loss, [mu, s], retain_graph=True))
+
+    x_t = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    fisher = (get_weighting('denoiser')(torch.tensor(sigma)) * (teacher(x_t, sigma) - _Gauss1d(mu, s ** 2)(x_t, sigma)) ** 2).sum() / n
+    half = 0.5 * torch.stack(torch.autograd.grad(fisher, [mu, s], retain_graph=True))
+    torch.testing.assert_close(sid_grad(0.5), half, rtol=0.02, atol=0)
+    for alpha in (-0.5, 1.2):  # alpha and its sign matter: beyond the Monte-Carlo tolerance above
+        assert not torch.allclose(sid_grad(alpha), half, rtol=0.05, atol=0)
+
+
+def test_karras_uses_sids_time_convention():
+    """t = 0 at sigma_min, t = 1 at sigma_max: SiD's t in [0, 0.8] is sigma in [0.002, ~24.2]."""
+    atoms = Karras(0.002, 80.0, 7.0, 1000, 0.0, 0.8)._atoms()
+    top = (80.0 ** (1 / 7) + 0.2 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    assert atoms.min() == pytest.approx(0.002, rel=1e-6) and atoms.max() == pytest.approx(top, rel=2e-3)
+    assert 24.0 < top < 24.5
 
 
 def test_dsm_loss_excess_is_the_denoiser_error():
