@@ -62,7 +62,8 @@ def build_student(c: dnnlib.EasyDict, teacher: torch.nn.Module):
     return StyleGAN2Adapter(G, label_dim=teacher.label_dim, train_noise_strength=True), stylegan2_snapshot(D)
 
 
-def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool) -> None:
+def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_run: bool) -> None:
+    """`resume`: None for a new run, 'auto' (the newest whole state) or a training-state file."""
     device = dist.init(device=c.device)
     if c.refuse_unknown_code:
         persistence.refuse_unknown_sources(True)
@@ -109,13 +110,14 @@ Examples:
 def main(resume, dry_run, **kwargs):
     """Distil a diffusion teacher into a one-step generator (data-free Diff-Instruct)."""
     if resume:
-        run(cli.load_options(resume, 'distill'), resume, resume=True, dry_run=dry_run)
+        c, run_dir, state = cli.resume_target(resume, 'distill')
+        run(c, run_dir, resume=state, dry_run=dry_run)
         return
     c = dnnlib.EasyDict(kwargs)
     if not c.teacher:
         raise click.UsageError('--teacher is required (or --resume to continue a run)')
     run_dir = None if dry_run else dnnlib.util.next_run_dir(c.outdir, f'distill-{cli.run_name(c.teacher)}-{c.student}')
-    run(c, run_dir, resume=False, dry_run=dry_run)
+    run(c, run_dir, resume=None, dry_run=dry_run)
 
 
 if __name__ == '__main__':

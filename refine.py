@@ -73,13 +73,14 @@ def refine_snapshot(original: dict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: bool, dry_run: bool) -> None:
+def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_run: bool) -> None:
+    """`resume`: None for a new run, 'auto' (the newest whole state) or a training-state file."""
     device = dist.init(device=c.device)
     if c.refuse_unknown_code:
         persistence.refuse_unknown_sources(True)
+    teacher = load_teacher(c.teacher, device)  # First: it needs no compiled ops, so a bad --teacher fails fast.
     original = load_generator_networks(c.network, c.source_net)
     G = original['G_source']
-    teacher = load_teacher(c.teacher, device)
     if G.img_channels != teacher.img_channels:
         raise SetupError(f'channels: {c.network} makes {G.img_channels}-channel images but {c.teacher} expects '
                          f'{teacher.img_channels}')
@@ -133,14 +134,15 @@ Examples:
 def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""
     if resume:
-        run(cli.load_options(resume, 'refine'), resume, resume=True, dry_run=dry_run)
+        c, run_dir, state = cli.resume_target(resume, 'refine')
+        run(c, run_dir, resume=state, dry_run=dry_run)
         return
     c = dnnlib.EasyDict(kwargs)
     for name in ('network', 'teacher'):
         if not c[name]:
             raise click.UsageError(f'--{name} is required (or --resume to continue a run)')
     run_dir = None if dry_run else dnnlib.util.next_run_dir(c.outdir, 'refine-' + cli.run_name(c.network, c.teacher))
-    run(c, run_dir, resume=False, dry_run=dry_run)
+    run(c, run_dir, resume=None, dry_run=dry_run)
 
 
 if __name__ == '__main__':

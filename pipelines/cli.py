@@ -8,6 +8,7 @@ and the engine's files) and resume the same way (`--resume=<run dir>` reads the 
 import glob
 import json
 import os
+import re
 import sys
 from typing import Callable, List, Optional
 
@@ -73,7 +74,7 @@ def engine_options(fn: Callable) -> Callable:
         click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose embedded source is not on the allow-list'),
         click.option('--no-progress', is_flag=True, help='No progress bar (a line per tick instead)'),
         click.option('--outdir', type=click.Path(file_okay=False), default='runs', show_default=True, help='Where run directories go'),
-        click.option('--resume', type=click.Path(exists=True, file_okay=False), help='Run directory to continue'),
+        click.option('--resume', type=click.Path(exists=True), help='Run directory to continue (its newest state), or one training-state-*.pt of it'),
         click.option('--dry-run', is_flag=True, help='Print the resolved configuration and exit'),
     ]
     for option in reversed(options):
@@ -93,7 +94,18 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         progress=not c.no_progress))
 
 
-def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
+def resume_target(path: str, script: str):
+    """`--resume` of a run directory (its newest whole state) or of one `training-state-*.pt` in it: returns
+    (options, run_dir, state), state being 'auto' or the file."""
+    state = 'auto'
+    if os.path.isfile(path):
+        if not re.fullmatch(r'training-state-[0-9.]+\.pt', os.path.basename(path)):
+            raise SetupError(f'--resume {path}: expected a run directory or one of its training-state-*.pt files')
+        path, state = os.path.dirname(os.path.abspath(path)), path
+    return load_options(path, script, need_state=(state == 'auto')), path, state
+
+
+def load_options(run_dir: str, script: str, need_state: bool = True) -> dnnlib.EasyDict:
     """The options a run was started with (for `--resume`)."""
     try:
         c = load_run_options(run_dir)
@@ -101,7 +113,7 @@ def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
         raise SetupError(f'--resume {err}') from None
     if c.pop('script', None) != script:
         raise SetupError(f'--resume {run_dir}: not a {script}.py run directory')
-    if latest_training_state(run_dir) is None:
+    if need_state and latest_training_state(run_dir) is None:
         raise SetupError(f'--resume {run_dir}: no training-state-*.pt in this directory (nothing to continue; '
                          f'start a new run instead)')
     c.pop('resolved', None)
@@ -193,7 +205,7 @@ def keep_best(run_dir: str, snapshot_path: str, results: dict) -> None:
     atomic_write(best_path, lambda f: f.write(json.dumps(record, indent=2).encode('utf-8')))
 
 
-def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, teacher: torch.nn.Module,
+def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: Optional[str], adapter, teacher: torch.nn.Module,
           fake_score: Optional[torch.nn.Module], device: torch.device, snapshot_fn: Callable = default_snapshot,
           to_generator: Callable = lambda ema: ema, description: str = '') -> None:
     """Create the run directory (new runs), save the options, tee the output to log.txt, and train.
@@ -212,7 +224,7 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: bool, adapter, 
         on_snapshot = metrics_hook(c, teacher, to_generator, run_dir, device) if dist.get_rank() == 0 else None
         try:
             trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
-                            snapshot_fn=snapshot_fn, resume='auto' if resume else None, on_snapshot=on_snapshot)
+                            snapshot_fn=snapshot_fn, resume=resume, on_snapshot=on_snapshot)
         except KeyboardInterrupt as err:
             dist.print0(f'Interrupted: {err}')
             sys.exit(130)

@@ -143,6 +143,26 @@ def test_refine_resume_continues_exactly(tmp_path, files):
             assert torch.equal(pa, pb), key
 
 
+def test_resume_from_a_chosen_training_state_file(tmp_path, files):
+    """--resume=<run>/training-state-X.pt continues from that state: replaying the second half of a run from its
+    midway state rewrites the same final networks bit for bit."""
+    args = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '5', '--outdir', str(tmp_path),
+            '--kimg', '0.016'] + FAST
+    assert invoke(refine.main, args).exit_code == 0
+    run_dir = only_run_dir(str(tmp_path))
+    final = last_snapshot(run_dir)
+    first = load_network_pkl(final)
+    os.remove(final)
+    result = invoke(refine.main, ['--resume', os.path.join(run_dir, 'training-state-000000.008.pt')])
+    assert result.exit_code == 0, result.output
+    again = load_network_pkl(final)
+    for key in ('G', 'G_ema'):
+        for pa, pb in zip(first[key].parameters(), again[key].parameters()):
+            assert torch.equal(pa, pb), key
+    result = invoke(refine.main, ['--resume', final])
+    assert result.exit_code != 0 and 'expected a run directory or one of its training-state' in result.output
+
+
 def test_refine_conditional_generator_with_conditional_teacher(tmp_path, files):
     result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'],
                                   '--outdir', str(tmp_path), '--kimg', '0.008'] + FAST)
