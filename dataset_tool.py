@@ -13,14 +13,12 @@ Examples:
   python dataset_tool.py --source=photos/ --dest=photos-64x64.zip --transform=center-crop --resolution=64x64
 """
 
-import gzip
 import io
 import json
 import os
 import pickle
 import re
 import shutil
-import struct
 import sys
 import tarfile
 import tempfile
@@ -32,6 +30,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+from training import dataset as training_dataset
 from training.dataset import is_image_file
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,21 +130,10 @@ def open_cifar10(path: str, split: str) -> Tuple[int, Iterator[dict]]:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An idx file (MNIST format, optionally gzipped) of unsigned bytes as an array of its stated shape."""
-    opener = gzip.open if path.endswith('.gz') else open
     try:
-        with opener(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise DatasetToolError(f'{path}: cannot read ({err})') from None
-    if len(data) < 4 or data[:2] != b'\0\0' or data[2] != 0x08:
-        raise DatasetToolError(f'{path}: not an unsigned-byte idx file')
-    ndim = data[3]
-    dims = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(dims)):
-        raise DatasetToolError(f'{path}: holds {array.size} values, its header says {dims}')
-    return array.reshape(dims)
+        return training_dataset.read_idx(path)
+    except ValueError as err:
+        raise DatasetToolError(str(err)) from None
 
 
 _IDX_IMAGES = re.compile(r'^(train|t10k)-images[-.]idx3-ubyte(\.gz)?$')

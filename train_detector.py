@@ -10,7 +10,6 @@ Example (the command that produced the shipped weights: test accuracy 0.9256, 15
 The data folder holds the four gzip'd idx files of Fashion-MNIST (Debian package `dataset-fashion-mnist`).
 """
 
-import gzip
 import json
 import os
 import time
@@ -24,24 +23,7 @@ import torch.nn.functional as F
 import tqdm
 
 from metrics.fmnist_net import FashionFeatureNet, INPUT_RESOLUTION
-
-IDX_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Parse a (gzip'd) idx file: a magic number whose last byte is the rank, the dims, then uint8 data."""
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise click.ClickException(f'{path}: not an idx file of unsigned bytes')
-    rank = data[3]
-    dims = np.frombuffer(data, dtype='>u4', count=rank, offset=4).astype(np.int64)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
-
+from training.dataset import IDX_FILES, read_idx
 
 def load_split(data_dir: str, split: str):
     """uint8 images [N, 1, 32, 32] (28x28 padded with black) and int64 labels [N]."""
@@ -49,8 +31,10 @@ def load_split(data_dir: str, split: str):
     for path in (image_file, label_file):
         if not os.path.isfile(path):
             raise click.ClickException(f'--data: missing {path} (expected the Fashion-MNIST idx files)')
-    images = read_idx(image_file)
-    labels = read_idx(label_file)
+    try:
+        images, labels = read_idx(image_file), read_idx(label_file)
+    except ValueError as err:
+        raise click.ClickException(f'--data: {err}') from None
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise click.ClickException(f'--data: {image_file} and {label_file} do not match')
     pad = (INPUT_RESOLUTION - images.shape[1]) // 2

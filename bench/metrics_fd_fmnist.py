@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import formulas, load_detector  # noqa: E402
 from metrics.feature_stats import FeatureStats  # noqa: E402
-from train_detector import IDX_FILES, read_idx  # noqa: E402
+from training.dataset import IDX_FILES, read_idx  # noqa: E402
 
 
 def _features(detector, images, batch=500):

@@ -191,3 +191,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         ImageFolderDataset(str(src), resolution=32)
     with pytest.raises(ValueError, match='labels were requested'):
         ImageFolderDataset(str(src), use_labels=True).get_label(0)
+
+
+def test_read_idx_reads_the_header_shape_and_refuses_a_short_file(tmp_path):
+    import gzip
+    import struct
+    import numpy as np
+    from training.dataset import read_idx
+    values = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / 'x-images-idx3-ubyte.gz'
+    with gzip.open(path, 'wb') as f:
+        f.write(b'\0\0\x08\x03' + struct.pack('>3I', 2, 3, 4) + values.tobytes())
+    assert np.array_equal(read_idx(str(path)), values)
+    short = tmp_path / 'short-idx1-ubyte'
+    short.write_bytes(b'\0\0\x08\x01' + struct.pack('>I', 5) + b'\1\2')
+    with pytest.raises(ValueError, match='holds 2 values'):
+        read_idx(str(short))

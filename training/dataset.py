@@ -6,9 +6,11 @@ name those pickles store. Items are `(image, label)`: uint8 `[C, H, W]` numpy ar
 labels (one-hot `[label_dim]` for integer labels, `[0]` without labels).
 """
 
+import gzip
 import io
 import json
 import os
+import struct
 import zipfile
 from typing import List, Optional
 
@@ -217,3 +219,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def has_onehot_labels(self) -> bool:
         return self._get_raw_labels().dtype == np.int64
+
+# ----------------------------------------------------------------------------------------------------------------
+# The idx format of (Fashion-)MNIST.
+
+#: The idx files of the Fashion-MNIST splits (images, labels).
+IDX_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An idx file (MNIST format, optionally gzipped) of unsigned bytes as an array of its stated shape; a
+    ValueError names the file otherwise."""
+    opener = gzip.open if path.endswith('.gz') else open
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f'{path}: cannot read ({err})') from None
+    if len(data) < 4 or data[:2] != b'\0\0' or data[2] != 0x08:
+        raise ValueError(f'{path}: not an unsigned-byte idx file')
+    ndim = data[3]
+    dims = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(dims)):
+        raise ValueError(f'{path}: holds {array.size} values, its header says {dims}')
+    return array.reshape(dims)
