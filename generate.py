@@ -35,7 +35,6 @@ import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 from pipelines import generators
 import teachers.sampling
-from teachers.load import teacher_from_pickle_data
 from stylegan2 import pickles, scripting
 from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
@@ -84,19 +83,12 @@ def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np
 
 def load_renderer(network_pkl: str, opts):
     """(kind, network, render function) for a pickle; a new kind of generator is one more branch here."""
-    data = pickles.read_pickle(network_pkl)
-    kind = generators.pickle_kind(data)
-    if kind in ('diffusion', 'one-step'):
-        net = teacher_from_pickle_data(data, source=network_pkl)
-        if opts.init_sigma is None and kind == 'one-step':
-            opts.init_sigma = float(data.get('init_sigma', 1.0))  # official Diff-Instruct pickles: 1.0 (README)
-        render = render_diffusion if opts.init_sigma is None else render_one_step
-        return kind, net.eval().requires_grad_(False).to(opts.device), render
-    nets = pickles.interpret_network_pkl(data, network_pkl)
-    G = nets.get('G_ema', nets.get('G'))
-    if G is None:
-        raise pickles.NetworkPickleError(f'{network_pkl}: the pickle holds no generator (G_ema or G)')
-    return kind, G.eval().requires_grad_(False).to(opts.device), render_stylegan2
+    kind, net, data = generators.load_network(network_pkl, device=opts.device)
+    if kind == 'stylegan2':
+        return kind, net, render_stylegan2
+    if opts.init_sigma is None and kind == 'one-step':
+        opts.init_sigma = float(data.get('init_sigma', 1.0))  # official Diff-Instruct pickles: 1.0 (README)
+    return kind, net, render_diffusion if opts.init_sigma is None else render_one_step
 
 # ----------------------------------------------------------------------------------------------------------------
 

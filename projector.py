@@ -29,6 +29,7 @@ import PIL.Image
 import torch
 import tqdm
 
+from pipelines import generators
 from stylegan2 import pickles, projection, scripting
 from torch_utils.images import save_png, to_uint8_nhwc
 
@@ -85,7 +86,7 @@ def main(network_pkl, target_paths, num_steps, seed, class_idx, save_video, vide
     device = torch.device(device) if device else scripting.default_device()
     scripting.set_code_policy(refuse_unknown_code)
     try:
-        G = scripting.load_generator(network_pkl, device)
+        G = generators.load_network(network_pkl, kinds=('stylegan2',), device=device).net
         c = scripting.class_labels(G, class_idx, 1, device)
     except pickles.NetworkPickleError as err:
         raise click.BadParameter(str(err), param_hint='--network') from None

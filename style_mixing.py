@@ -21,6 +21,7 @@ from dnnlib.cli_types import FINITE_FLOAT
 import numpy as np
 import torch
 
+from pipelines import generators
 from stylegan2 import pickles, scripting
 from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
@@ -47,7 +48,7 @@ def main(network_pkl, row_seeds, col_seeds, col_styles, trunc, class_idx, noise_
     device = torch.device(device) if device else scripting.default_device()
     scripting.set_code_policy(refuse_unknown_code)
     try:
-        G = scripting.load_generator(network_pkl, device)
+        G = generators.load_network(network_pkl, kinds=('stylegan2',), device=device).net
     except pickles.NetworkPickleError as err:
         raise click.BadParameter(str(err), param_hint='--network') from None
     bad = [s for s in col_styles if s >= G.num_ws]

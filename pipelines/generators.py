@@ -6,7 +6,7 @@ core never imports `stylegan2/`. Scripts (`refine.py`, `distill.py`, `generate.p
 """
 
 import copy
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -144,6 +144,32 @@ def pickle_kind(data: Any) -> str:
     return 'stylegan2'
 
 
+class LoadedNetwork(NamedTuple):
+    """A generator pickle as read: its kind (`PICKLE_KINDS`), the network that makes images (StyleGAN2's G_ema,
+    else G; the denoiser of a student or diffusion model), and the unpickled data (for what else it holds)."""
+    kind: str
+    net: torch.nn.Module
+    data: Any
+
+
+def load_network(path_or_url: str, kinds: Tuple[str, ...] = PICKLE_KINDS, device: Any = 'cpu') -> LoadedNetwork:
+    """The one reader of generator pickles for every script: the network in eval mode, without gradients, on
+    `device`. Raises NetworkPickleError (one line) for unusable files and for a kind not in `kinds`."""
+    data = pickles.read_pickle(path_or_url)
+    kind = pickle_kind(data)
+    if kind not in kinds:
+        wanted = ' or '.join(kinds)
+        raise pickles.NetworkPickleError(f'{path_or_url}: this is a {kind} pickle; expected {wanted}')
+    if kind == 'stylegan2':
+        data = pickles.interpret_network_pkl(data, str(path_or_url))
+        net = data.get('G_ema') if data.get('G_ema') is not None else data.get('G')
+        if net is None:
+            raise pickles.NetworkPickleError(f'{path_or_url}: the pickle holds no generator (G_ema or G)')
+    else:
+        net = teacher_from_pickle_data(data, source=str(path_or_url))
+    return LoadedNetwork(kind, net.eval().requires_grad_(False).to(torch.device(device)), data)
+
+
 def load_generator(path_or_url: str, device: Any = 'cpu', init_sigma: Optional[float] = None,
                    num_steps: int = 18) -> ikl.GeneratorAdapter:
     """Any generator pickle as an adapter that samples at the generator's own resolution, in eval mode.
@@ -152,20 +178,13 @@ def load_generator(path_or_url: str, device: Any = 'cpu', init_sigma: Optional[f
     (stored by distill.py; `init_sigma` overrides it, and is needed for official Diff-Instruct pickles, which do
     not store it: 1.0 is assumed as in their README); diffusion models sample with `num_steps` Heun steps.
     The adapter also carries `training_set_kwargs` when the pickle names its training data.
-    Raises `stylegan2.pickles.NetworkPickleError` with a one-line message for unusable files.
+    Raises `NetworkPickleError` with a one-line message for unusable files.
     """
-    device = torch.device(device)
-    data = pickles.read_pickle(path_or_url)
-    kind = pickle_kind(data)
+    kind, net, data = load_network(path_or_url, device=device)
     if kind == 'stylegan2':
-        nets = pickles.interpret_network_pkl(data, str(path_or_url))
-        G = nets.get('G_ema') if nets.get('G_ema') is not None else nets.get('G')
-        if G is None:
-            raise pickles.NetworkPickleError(f'{path_or_url}: the pickle holds no generator (G_ema or G)')
-        adapter = StyleGAN2Adapter(G.eval(), trainable='none')  # noise 'random', as upstream metrics
-        adapter.training_set_kwargs = nets.get('training_set_kwargs')
+        adapter = StyleGAN2Adapter(net, trainable='none')  # noise 'random', as upstream metrics
+        adapter.training_set_kwargs = data.get('training_set_kwargs')
         return adapter.to(device)
-    net = teacher_from_pickle_data(data, source=str(path_or_url)).eval().requires_grad_(False)
     if kind == 'one-step':
         sigma = init_sigma if init_sigma is not None else float(data.get('init_sigma', 1.0))
         adapter = ikl.OneStepStudentAdapter(net, sigma_init=sigma).eval()

@@ -8,7 +8,6 @@ import click
 import numpy as np
 import torch
 
-from stylegan2.pickles import NetworkPickleError, load_network_pkl
 from torch_utils import persistence
 
 
@@ -53,15 +52,6 @@ def set_code_policy(refuse_unknown_code: bool) -> None:
     """Refuse pickles whose embedded code is not ours or on the allow-list (see torch_utils.persistence)."""
     if refuse_unknown_code:
         persistence.refuse_unknown_sources(True)
-
-
-def load_generator(network_pkl: str, device: torch.device) -> torch.nn.Module:
-    """G_ema (else G) of a StyleGAN2 pickle, eval mode, without gradients, on `device`."""
-    data = load_network_pkl(network_pkl)
-    G = data.get('G_ema', data.get('G'))
-    if G is None:
-        raise NetworkPickleError(f'{network_pkl}: the pickle holds no generator (G_ema or G)')
-    return G.eval().requires_grad_(False).to(device)
 
 
 def class_labels(G: torch.nn.Module, class_idx: Optional[int], batch_size: int, device: torch.device) -> torch.Tensor:

@@ -72,3 +72,14 @@ def test_embedded_reference_statistics_match_real_images():
                                                batch_size=100)[0]['results'].values()))
     real, noise = fd(BankAdapter(((x + 1) * 127.5).round().to(torch.uint8))), fd(NoiseAdapter())
     assert real < 5 and noise > 20 * real, (real, noise)
+
+
+def test_one_reader_for_every_generator_kind_and_a_clear_refusal_of_the_wrong_one():
+    from torch_utils.pickle_reader import NetworkPickleError
+    kinds = {name: generators.load_network(os.path.join(EMBEDDED, name)).kind
+             for name in ('fmnist-stylegan2.pkl', 'fmnist-onestep.pkl', 'fmnist-edm.pkl')}
+    assert kinds == {'fmnist-stylegan2.pkl': 'stylegan2', 'fmnist-onestep.pkl': 'one-step', 'fmnist-edm.pkl': 'diffusion'}
+    G = generators.load_network(os.path.join(EMBEDDED, 'fmnist-stylegan2.pkl'), kinds=('stylegan2',)).net
+    assert not G.training and not any(p.requires_grad for p in G.parameters())
+    with pytest.raises(NetworkPickleError, match='this is a diffusion pickle; expected stylegan2'):
+        generators.load_network(os.path.join(EMBEDDED, 'fmnist-edm.pkl'), kinds=('stylegan2',))

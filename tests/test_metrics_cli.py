@@ -2,8 +2,6 @@
 
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -29,7 +27,7 @@ def setup(tmp_path, monkeypatch):
             adapter.training_set_kwargs = dict(path=str(tmp_path / 'data.zip'))
         return adapter
 
-    monkeypatch.setattr(calc_metrics, 'generators', types.SimpleNamespace(load_generator=load_generator))
+    monkeypatch.setattr(calc_metrics.generators, 'load_generator', load_generator)
     dnnlib.util.set_cache_dir(str(tmp_path / 'cache'))
     with np.load(DATA) as data:
         write_dataset_zip(tmp_path / 'data.zip', data['images'][:40])
