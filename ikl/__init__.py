@@ -30,17 +30,18 @@ How `refine.py` and `distill.py` use it::
 - `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
 
 Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),
-`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `engine`, `images`, `toy` (MLP nets, the
-empirical denoiser).
+`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `fake_scores` (fitted by DSM, or observing the
+samples), `options`, `engine`, `images`, `toy` (MLP nets, the empirical denoiser).
 """
 
 from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
 from .divergences import IKL, SDS, Divergence, SiD, edm_dsm_loss, make_divergence
+from .fake_scores import FittedFakeScore, ObservedFakeScore
 from .engine import LossScaler, Trainer, TrainingDiverged, default_snapshot, train
 from .options import TrainingOptions, build_divergence
 from .sigmas import Fixed, Karras, LogNormal, implied_weight, make_sigma_distribution
 
 __all__ = ['GeneratorAdapter', 'ModuleAdapter', 'OneStepStudentAdapter', 'IKL', 'SDS', 'SiD', 'Divergence',
-           'edm_dsm_loss', 'make_divergence', 'LossScaler', 'Trainer', 'TrainingDiverged', 'TrainingOptions', 'default_snapshot',
+           'edm_dsm_loss', 'make_divergence', 'FittedFakeScore', 'ObservedFakeScore', 'LossScaler', 'Trainer', 'TrainingDiverged', 'TrainingOptions', 'default_snapshot',
            'train', 'build_divergence', 'Fixed', 'Karras', 'LogNormal', 'implied_weight',
            'make_sigma_distribution']

@@ -13,8 +13,8 @@ Per iteration (schedule `reuse`, the default):
    iteration this costs one generator forward+backward, one teacher forward and one fake forward+backward: the
    passes no schedule can avoid. The only statistical difference from separate draws is that the generator's
    and the fake's losses share their (sigma, noise) draws. Further fake steps draw fresh no-grad samples.
-   A fake score with an `observe` method (`ikl.toy.EmpiricalDenoiser`, the exact denoiser of recent samples) is
-   not fitted: it is handed the same samples, gathered from all processes, and needs no optimizer.
+   An `ikl.fake_scores.ObservedFakeScore` (e.g. `ikl.toy.EmpiricalDenoiser`, the exact denoiser of recent
+   samples) is not fitted: it is handed the same samples, gathered from all processes, and needs no optimizer.
    Order and effect: the fake score fits samples of the generator *before* this iteration's update, and the next
    generator step uses it, so it lags the generator by one step (the official schedule fits the fake score to the
    current generator, then updates the generator, at the cost of a second generator forward). At the small
@@ -43,6 +43,7 @@ from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, 
 
 from .adapters import GeneratorAdapter
 from .divergences import autocast, dsm_from_forward, edm_dsm_loss
+from .fake_scores import FittedFakeScore, ObservedFakeScore
 from .images import save_preview
 from .options import AMP_DTYPES, TrainingOptions, build_divergence
 from .sigmas import LogNormal
@@ -140,14 +141,12 @@ class Trainer:
             raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
         self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=eps)
         self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
-        # A fake score with an `observe(samples, labels)` method (ikl.toy.EmpiricalDenoiser) is not fitted by DSM:
-        # each fake-score step hands it the generator's detached samples, gathered from every process.
-        self.fake_observes = self.fake_score is not None and callable(getattr(self.fake_score, 'observe', None))
-        self.fake_fits = self.fake_score is not None and not self.fake_observes
-        if self.fake_fits:
-            self.fake_params = [p for p in self.fake_score.parameters() if p.requires_grad]
-            self.fake_opt = torch.optim.Adam(self.fake_params, lr=self.opts.fake_lr, betas=betas, eps=eps)
-            self.fake_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
+        # The fake score's kind (ikl.fake_scores): an ObservedFakeScore is shown the samples; anything else is fitted.
+        self.fake_observes = isinstance(self.fake_score, ObservedFakeScore)
+        self.fitted = None
+        if self.fake_score is not None and not self.fake_observes:
+            self.fitted = FittedFakeScore(self.fake_score, self.opts.fake_lr, betas, eps, LossScaler(
+                self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval))
 
         self.iteration = 0
         self.cur_nimg = 0
@@ -217,7 +216,7 @@ class Trainer:
     def _shares_fake_forward(self) -> bool:
         """DSM can reuse the generator step's fake forward when it is IKL under the same sigma law as the fake's."""
         o = self.opts
-        return (self.fake_fits and o.fake_forward == 'shared' and o.schedule == 'reuse'
+        return (self.fitted is not None and o.fake_forward == 'shared' and o.schedule == 'reuse'
                 and o.divergence == 'ikl' and o.sigma == 'lognormal'
                 and (o.P_mean, o.P_std) == (o.fake_P_mean, o.fake_P_std))
 
@@ -242,7 +241,7 @@ class Trainer:
                 fake_loss = dsm_from_forward(fake_fwd, o.sigma_data)
                 training_stats.report('Loss/fake_score', fake_loss)
                 total = (loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
-                         + fake_loss.sum() * (o.fake_loss_scale * self.fake_scaler.scale / o.batch))
+                         + fake_loss.sum() * (o.fake_loss_scale * self.fitted.scaler.scale / o.batch))
             else:
                 loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
                 total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
@@ -251,7 +250,7 @@ class Trainer:
         self.teacher.eval()
         self._apply_gradients(self.g_params, self.g_opt, self.g_scaler, o.g_lr * self._lr_factor(), 'G')
         if share:
-            self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
+            self._apply_gradients(self.fitted.params, self.fitted.opt, self.fitted.scaler, o.fake_lr * self._lr_factor(), 'fake')
         return samples
 
     def _fresh_samples(self, purpose: int, r: int):
@@ -281,9 +280,9 @@ class Trainer:
                     continue
                 loss = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma, self._rng(2 + 2 * k, r), o.sigma_data, self.amp)
                 training_stats.report('Loss/fake_score', loss)
-                (loss.sum() * (o.fake_loss_scale * self.fake_scaler.scale / o.batch)).backward()
-            if self.fake_fits:
-                self._apply_gradients(self.fake_params, self.fake_opt, self.fake_scaler, o.fake_lr * self._lr_factor(), 'fake')
+                (loss.sum() * (o.fake_loss_scale * self.fitted.scaler.scale / o.batch)).backward()
+            if self.fitted is not None:
+                self._apply_gradients(self.fitted.params, self.fitted.opt, self.fitted.scaler, o.fake_lr * self._lr_factor(), 'fake')
 
     @torch.no_grad()
     def _report_tracking(self) -> None:
@@ -294,7 +293,7 @@ class Trainer:
         teacher's on the generator's own samples: the gap is the information the IKL gradient is made from.
         `g_update` is the relative parameter change since the last tick (|theta - theta_prev| / |theta_prev|)."""
         o = self.opts
-        if self.fake_fits:
+        if self.fitted is not None:
             self.fake_score.eval()
             for r in range(self.rounds):
                 x, labels = self._fresh_samples(1000, r)  # Purposes far above the fake steps' 1 + 2k, 2 + 2k.
@@ -344,8 +343,8 @@ class Trainer:
                      torch_rng=torch.get_rng_state())
         if self.fake_score is not None:
             state['fake_score'] = self.fake_score.state_dict()
-        if self.fake_fits:
-            state.update(fake_opt=self.fake_opt.state_dict(), fake_scaler=self.fake_scaler.state_dict())
+        if self.fitted is not None:
+            state.update(self.fitted.state_dict())
         if self.device.type == 'cuda':
             state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         return state
@@ -361,9 +360,8 @@ class Trainer:
         self.g_scaler.load_state_dict(state['g_scaler'])
         if self.fake_score is not None:
             self.fake_score.load_state_dict(state['fake_score'])
-        if self.fake_fits:
-            self.fake_opt.load_state_dict(state['fake_opt'])
-            self.fake_scaler.load_state_dict(state['fake_scaler'])
+        if self.fitted is not None:
+            self.fitted.load_state_dict(state)
         torch.set_rng_state(state['torch_rng'])
         if 'cuda_rng' in state and self.device.type == 'cuda':
             torch.cuda.set_rng_state(state['cuda_rng'], self.device)
@@ -437,7 +435,7 @@ class Trainer:
                 stats = clock.end_tick()
                 self.cur_tick, self.tick_start_nimg = clock.cur_tick, clock.tick_start_nimg
                 if not o.progress:
-                    fake_loss = f"fake_loss {stats['Loss/fake_score'].mean:<8.4g} " if self.fake_fits else ''
+                    fake_loss = f"fake_loss {stats['Loss/fake_score'].mean:<8.4g} " if self.fitted is not None else ''
                     clock.log(f'tick {self.cur_tick - 1:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
                               f"sec/kimg {stats['Timing/sec_per_kimg'].mean:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
                 if clock.snapshot_due:

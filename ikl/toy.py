@@ -11,6 +11,8 @@ import torch
 
 from torch_utils import persistence
 
+from ikl.fake_scores import ObservedFakeScore
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -112,7 +114,7 @@ class MLPDenoiser(_VectorDenoiser):
 
 
 @persistence.persistent_class
-class EmpiricalDenoiser(_VectorDenoiser):
+class EmpiricalDenoiser(_VectorDenoiser, ObservedFakeScore):
     """The exact denoiser of the empirical distribution of the last N generator samples: a fake score
     with no fitting error, for low-dimensional data, to tell the IKL gradient's own behaviour from a fitted fake
     score's (experiments/toy2d/toy2d.py `--fake-init empirical`). D(x, sigma) = sum_i softmax_i(-|x - b_i|^2 / 2 sigma^2) b_i

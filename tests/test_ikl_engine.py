@@ -80,7 +80,7 @@ def test_empirical_fake_score_is_handed_the_generator_step_samples(tmp_path, cap
     adapter, teacher, fake = _networks('empirical')
     opts = dict(OPTS, total_kimg=0.128, batch=32, batch_gpu=16)
     trainer = ikl.Trainer(adapter, teacher, fake, opts, str(tmp_path))
-    assert not hasattr(trainer, 'fake_opt')  # nothing to fit
+    assert trainer.fitted is None  # nothing to fit
     for step in range(3):
         with torch.no_grad():  # what the generator step will sample: its two accumulation rounds, before its update
             want = torch.cat([adapter.sample(16, torch.Generator().manual_seed(trainer._seed(0, r)))[0] for r in range(2)])
@@ -148,7 +148,7 @@ def test_nan_guard_skips_bad_step_and_training_continues(tmp_path):
     for _ in range(3):
         trainer.step()
     assert trainer.g_scaler.skipped == 1
-    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake_params)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fitted.params)
     assert not all(torch.equal(a, b) for a, b in zip(after_two, trainer.g_params))
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
 
@@ -335,5 +335,5 @@ def test_autocast_path_on_plain_networks(tmp_path, precision):
         trainer.step()
     assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0)
     assert trainer.g_scaler.skipped == 0
-    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake_params)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fitted.params)
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
