@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import persistence
 from dnnlib.cli_types import FiniteFloatRange
 from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
@@ -192,8 +193,11 @@ Examples:
 @click.option('--device', type=str, default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', type=click.IntRange(min=0), default=0, help='CPU threads (0: torch default)')
 @click.option('--dry-run', is_flag=True, help='Print the options and exit')
-def main(data, outdir, resume, dry_run, threads, **kwargs):
+@click.option('--refuse-unknown-code', is_flag=True, help='Refuse an --init pickle whose code or globals are not on the allow-lists')
+def main(data, outdir, resume, dry_run, threads, refuse_unknown_code, **kwargs):
     """Train a StyleGAN2 generator (and discriminator) on a dataset made by dataset_tool.py."""
+    if refuse_unknown_code:
+        persistence.refuse_unknown_sources(True)
     if resume:
         run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume)
         try:

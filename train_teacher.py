@@ -23,6 +23,7 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import persistence
 from dnnlib.cli_types import FiniteFloatRange
 from teachers.training_loop import init_from_pickle, training_loop
 from training.run import latest_training_state, new_run_dir, save_options
@@ -129,7 +130,10 @@ def check_resume_state(path: str, net: torch.nn.Module) -> None:
 @click.option('--threads', help='CPU threads for torch [default: torch decides]', type=click.IntRange(min=1))
 @click.option('--progress/--no-progress', help='Show a progress bar', default=True, show_default=True)
 @click.option('--dry-run', help='Print the options and the network size, then exit', is_flag=True)
-def main(outdir, desc, init, resume, threads, progress, dry_run, **kwargs):
+@click.option('--refuse-unknown-code', is_flag=True, help='Refuse an --init pickle whose code or globals are not on the allow-lists')
+def main(outdir, desc, init, resume, threads, progress, dry_run, refuse_unknown_code, **kwargs):
+    if refuse_unknown_code:
+        persistence.refuse_unknown_sources(True)
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise click.UsageError('train_teacher.py trains in a single process; run it without torchrun')
     if threads is not None:

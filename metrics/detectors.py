@@ -9,7 +9,6 @@ recomputed whenever the detector's weights change.
 import hashlib
 import inspect
 import os
-import pickle
 import warnings
 import zipfile
 from typing import Any, Dict, Optional, Tuple, Union
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 import dnnlib
+from torch_utils import pickle_reader
 from .fmnist_net import FashionFeatureNet, INPUT_CHANNELS, INPUT_RESOLUTION
 from .images import InputSpec, adapt_images
 
@@ -198,8 +198,10 @@ def _load_file(path: str, name: Optional[str], device: torch.device) -> Detector
             warnings.filterwarnings('ignore', category=DeprecationWarning)
             net = torch.jit.load(path, map_location=device).eval()
     else:
-        with open(path, 'rb') as f:  # Upstream EDM/StyleGAN3 .pkl detectors; pickles run code: trusted files only.
-            net = pickle.load(f)
+        try:  # Upstream EDM/StyleGAN3 .pkl detectors; pickles run code: the one reader applies --refuse-unknown-code.
+            net = pickle_reader.read_pickle(path)
+        except pickle_reader.NetworkPickleError as err:
+            raise ValueError(f'detector file {err}') from None
         if not isinstance(net, nn.Module):
             raise ValueError(f'detector file {path}: the pickle holds {type(net).__name__}, not a module')
         net = net.eval().to(device)

@@ -40,8 +40,11 @@ def init_from_pickle(path: str, net: torch.nn.Module) -> None:
     """Copy the weights of a snapshot's `ema` into `net`; a ValueError names what does not fit."""
     try:
         source = load_teacher(path, verbose=False)
+    except NetworkPickleError as err:
+        raise ValueError(f'--init {err}') from None
+    try:
         net.load_state_dict(source.state_dict())
-    except (NetworkPickleError, RuntimeError) as err:
+    except RuntimeError as err:
         raise ValueError(f'--init {path}: does not fit the network these options build '
                          f'({" ".join(str(err).split())[:300]})') from None
 

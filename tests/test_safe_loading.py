@@ -22,6 +22,8 @@ import legacy  # noqa: E402
 import projector  # noqa: E402
 import refine  # noqa: E402
 import style_mixing  # noqa: E402
+import train_stylegan2  # noqa: E402
+import train_teacher  # noqa: E402
 import trust_code  # noqa: E402
 from stylegan2 import pickles  # noqa: E402
 import teachers  # noqa: E402
@@ -97,7 +99,7 @@ def test_reader_refuses_every_payload_before_it_runs(tmp_path, refusing):
         assert not marker.exists(), name
 
 
-def _script_cases(path, tmp_path):
+def _script_cases(path, tmp_path, data):
     out = str(tmp_path / 'out')
     genuine_teacher = os.path.join(EMBEDDED, 'fmnist-edm.pkl')
     genuine_gan = os.path.join(EMBEDDED, 'fmnist-stylegan2.pkl')
@@ -117,14 +119,18 @@ def _script_cases(path, tmp_path):
                                              '--refuse-unknown-code']),
         'legacy': (legacy.main, ['--source', path, '--dest', str(tmp_path / 'converted.pkl'), '--refuse-unknown-code']),
         'trust_code (listing)': (trust_code.main, [path]),
+        'train_stylegan2 --init': (train_stylegan2.main, ['--data', data, '--init', path, '--outdir', out,
+                                                          '--refuse-unknown-code']),
+        'train_teacher --init': (train_teacher.main, ['--data', data, '--init', path, '--outdir', out,
+                                                      '--refuse-unknown-code']),
     }
 
 
 @pytest.mark.parametrize('payload', ['os_system', 'nested', 'storage'])
-def test_no_script_runs_a_payload_under_the_flag(tmp_path, payload):
+def test_no_script_runs_a_payload_under_the_flag(tmp_path, payload, dataset_zip):
     path, marker, refused = malicious_pickles(tmp_path)[payload]
     try:
-        for name, (command, args) in _script_cases(path, tmp_path).items():
+        for name, (command, args) in _script_cases(path, tmp_path, str(dataset_zip)).items():
             result = CliRunner().invoke(command, args)
             assert not marker.exists(), name
             assert result.exit_code != 0, (name, result.output)
