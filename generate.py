@@ -32,6 +32,7 @@ import torch
 import tqdm
 
 import dnnlib
+import ikl
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 from pipelines import generators
 import teachers.sampling
@@ -43,14 +44,14 @@ from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
 def render_stylegan2(G, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
     """Upstream's latents per seed; batches of `opts.batch`; 'random' noise seeded by each batch's first seed."""
+    adapter = generators.StyleGAN2Adapter(G, truncation_psi=opts.trunc, truncation_cutoff=opts.trunc_cutoff,
+                                          noise_mode=opts.noise_mode, trainable='none')
     for start in range(0, len(seeds), opts.batch):
         batch_seeds = seeds[start:start + opts.batch]
         z = scripting.seed_latents(batch_seeds, G.z_dim, opts.device)
         c = scripting.class_labels(G, opts.class_idx, len(batch_seeds), opts.device)
         torch.manual_seed(batch_seeds[0])
-        img = G(z, c, truncation_psi=opts.trunc, truncation_cutoff=opts.trunc_cutoff, noise_mode=opts.noise_mode,
-                force_fp32=scripting.use_fp32(opts.device))
-        yield batch_seeds, to_uint8_nhwc(img)
+        yield batch_seeds, to_uint8_nhwc(adapter.synthesize(z, c))
 
 
 def render_diffusion(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
@@ -63,6 +64,7 @@ def render_diffusion(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], n
 
 def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np.ndarray]]:
     """A one-step student x0 = D(sigma z; sigma, c), z from each seed's own stream (then a random class)."""
+    student = ikl.OneStepStudentAdapter(net, sigma_init=opts.init_sigma)
     label_dim = int(getattr(net, 'label_dim', 0) or 0)
     if opts.class_idx is not None and not (label_dim and 0 <= opts.class_idx < label_dim):
         raise ValueError(f'--class={opts.class_idx} is out of range for a network with label_dim={label_dim}')
@@ -77,8 +79,7 @@ def render_one_step(net, seeds: List[int], opts) -> Iterator[Tuple[List[int], np
             if opts.class_idx is not None:
                 idx[:] = opts.class_idx
             labels = torch.eye(label_dim, device=opts.device)[idx]
-        sigma = torch.full([len(batch_seeds), 1, 1, 1], opts.init_sigma, device=opts.device)
-        yield batch_seeds, to_uint8_nhwc(net(z * sigma, sigma, labels).to(torch.float32))
+        yield batch_seeds, to_uint8_nhwc(student.from_latents(z, labels))
 
 
 def load_renderer(network_pkl: str, opts):

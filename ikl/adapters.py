@@ -102,8 +102,12 @@ class OneStepStudentAdapter(GeneratorAdapter):
     def sample(self, batch_size, generator=None):
         z = torch.randn([batch_size, *self.data_shape], generator=generator, device=self.device)
         c = self.random_labels(batch_size, generator)
-        sigma = torch.full([batch_size] + [1] * len(self.data_shape), self.sigma_init, device=self.device)
-        return self.net(z * self.sigma_init, sigma, c).to(torch.float32), c
+        return self.from_latents(z, c), c
+
+    def from_latents(self, z: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+        """x0 = D(sigma_init z; sigma_init, c) for given latents (generate.py draws them per seed)."""
+        sigma = torch.full([z.shape[0]] + [1] * len(self.data_shape), self.sigma_init, device=z.device)
+        return self.net(z * self.sigma_init, sigma, c).to(torch.float32)
 
     def export(self):
         return dict(ema=_frozen_copy(self.net))
