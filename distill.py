@@ -63,7 +63,7 @@ def build_student(c: dnnlib.EasyDict, teacher: torch.nn.Module):
 
 
 def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_run: bool) -> None:
-    """`resume`: None for a new run, 'auto' (the newest whole state) or a training-state file."""
+    """`resume`: None for a new run, else the training-state file to continue from."""
     device = dist.init(device=c.device)
     if c.refuse_unknown_code:
         persistence.refuse_unknown_sources(True)

@@ -74,7 +74,7 @@ def refine_snapshot(original: dict):
 
 
 def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_run: bool) -> None:
-    """`resume`: None for a new run, 'auto' (the newest whole state) or a training-state file."""
+    """`resume`: None for a new run, else the training-state file to continue from."""
     device = dist.init(device=c.device)
     if c.refuse_unknown_code:
         persistence.refuse_unknown_sources(True)

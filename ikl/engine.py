@@ -54,6 +54,11 @@ from .sigmas import LogNormal
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _all_finite(tensors) -> bool:
+    """No NaN/Inf in any of the tensors (one reduction and one sync: a NaN or Inf anywhere makes its sum one)."""
+    return bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum()))
+
+
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row were skipped as non-finite: training on would only write stale networks."""
 
@@ -187,7 +192,7 @@ class Trainer:
             grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
             finite = bool(torch.isfinite(flat).all())
         else:
-            finite = bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum()))
+            finite = _all_finite(grads)
         if finite:
             if scaler.scale != 1.0:
                 torch._foreach_mul_(grads, 1.0 / scaler.scale)
@@ -198,7 +203,7 @@ class Trainer:
             before = [p.detach().clone() for p in params]
             optimizer.step()
             # Finite gradients can still make a non-finite update (an lr of inf, an overflow in Adam): undo it.
-            if not bool(torch.isfinite(torch.stack([p.detach().sum() for p in params]).sum())):
+            if not _all_finite([p.detach() for p in params]):
                 with torch.no_grad():
                     for p, old in zip(params, before):
                         p.copy_(old)

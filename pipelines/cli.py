@@ -95,17 +95,23 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
 
 
 def resume_target(path: str, script: str):
-    """`--resume` of a run directory (its newest whole state) or of one `training-state-*.pt` in it: returns
-    (options, run_dir, state), state being 'auto' or the file."""
-    state = 'auto'
+    """`--resume` of a run directory (its newest whole state, found once here) or of one `training-state-*.pt`
+    in it: returns (options, run_dir, state file)."""
+    run_dir, state = path, None
     if os.path.isfile(path):
         if not re.fullmatch(r'training-state-[0-9.]+\.pt', os.path.basename(path)):
             raise SetupError(f'--resume {path}: expected a run directory or one of its training-state-*.pt files')
-        path, state = os.path.dirname(os.path.abspath(path)), path
-    return load_options(path, script, need_state=(state == 'auto')), path, state
+        run_dir, state = os.path.dirname(os.path.abspath(path)), path
+    c = load_options(run_dir, script)
+    if state is None:
+        state = latest_training_state(run_dir)
+        if state is None:
+            raise SetupError(f'--resume {run_dir}: no training-state-*.pt in this directory (nothing to continue; '
+                             f'start a new run instead)')
+    return c, run_dir, state
 
 
-def load_options(run_dir: str, script: str, need_state: bool = True) -> dnnlib.EasyDict:
+def load_options(run_dir: str, script: str) -> dnnlib.EasyDict:
     """The options a run was started with (for `--resume`)."""
     try:
         c = load_run_options(run_dir)
@@ -113,9 +119,6 @@ def load_options(run_dir: str, script: str, need_state: bool = True) -> dnnlib.E
         raise SetupError(f'--resume {err}') from None
     if c.pop('script', None) != script:
         raise SetupError(f'--resume {run_dir}: not a {script}.py run directory')
-    if need_state and latest_training_state(run_dir) is None:
-        raise SetupError(f'--resume {run_dir}: no training-state-*.pt in this directory (nothing to continue; '
-                         f'start a new run instead)')
     c.pop('resolved', None)
     return c
 
