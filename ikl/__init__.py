@@ -30,18 +30,23 @@ How `refine.py` and `distill.py` use it::
 - `Trainer` exposes the pieces (`step()`, `state_dict()`, `save_snapshot()`) for callers that drive the loop.
 
 Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),
-`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `fake_scores` (fitted by DSM, or observing the
-samples), `options`, `engine`, `images`, `toy` (MLP nets, the empirical denoiser).
+`adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `fake_scores` (the fake-score interface: fitted
+by DSM, sharing the generator step's forward, or observing the samples), `updates` (the guarded optimiser step, loss
+scaling), `options`, `engine` (the iteration and the loop), `images`, `toy` (MLP nets on flat vectors, for tests).
 """
 
 from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
 from .divergences import IKL, SDS, Divergence, SiD, edm_dsm_loss, make_divergence
-from .fake_scores import FittedFakeScore, ObservedFakeScore
-from .engine import LossScaler, Trainer, TrainingDiverged, default_snapshot, train
+from .fake_scores import (FakeScore, FittedFakeScore, ObservingDenoiser, ObservingFakeScore, SharedForwardFakeScore,
+                          make_fake_score)
+from .engine import Trainer, default_snapshot, train
 from .options import TrainingOptions, build_divergence
 from .sigmas import Fixed, Karras, LogNormal, implied_weight, make_sigma_distribution
+from .updates import LossScaler, TrainingDiverged
 
 __all__ = ['GeneratorAdapter', 'ModuleAdapter', 'OneStepStudentAdapter', 'IKL', 'SDS', 'SiD', 'Divergence',
-           'edm_dsm_loss', 'make_divergence', 'FittedFakeScore', 'ObservedFakeScore', 'LossScaler', 'Trainer', 'TrainingDiverged', 'TrainingOptions', 'default_snapshot',
+           'edm_dsm_loss', 'make_divergence', 'FakeScore', 'FittedFakeScore', 'SharedForwardFakeScore',
+           'ObservingDenoiser', 'ObservingFakeScore', 'make_fake_score', 'LossScaler', 'Trainer', 'TrainingDiverged',
+           'TrainingOptions', 'default_snapshot',
            'train', 'build_divergence', 'Fixed', 'Karras', 'LogNormal', 'implied_weight',
            'make_sigma_distribution']

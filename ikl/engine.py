@@ -6,15 +6,14 @@ Per iteration (schedule `reuse`, the default):
    generator forward of the iteration); the divergence draws sigma and noise, runs the teacher (no autograd) and
    the fake score on the detached x_t and returns the surrogate loss; its backward reaches the generator only.
    Gradients are summed over rounds and processes (one all-reduce), checked for NaN/Inf, unscaled, and applied.
-2. Fake-score steps (`fake_steps` = k). The first trains on the same x0, detached, with EDM's DSM loss. With
-   `fake_forward='shared'` (IKL, same lognormal law for both losses) it even reuses the fake score's forward of
-   step 1, kept with its graph: DSM at (x0, sigma, noise) is exactly what that forward computed, and the fake's
+2. Fake-score steps (`fake_steps` = k; the kinds are objects in `ikl.fake_scores`). The first trains on the same
+   x0, detached, with EDM's DSM loss. A `SharedForwardFakeScore` (IKL, same lognormal law for both losses) even
+   reuses the fake score's forward of step 1, kept with its graph: DSM at (x0, sigma, noise) is exactly what that forward computed, and the fake's
    weights do not change in between, so the one backward of step 1 also yields the fake's gradient. Per
    iteration this costs one generator forward+backward, one teacher forward and one fake forward+backward: the
    passes no schedule can avoid. The only statistical difference from separate draws is that the generator's
    and the fake's losses share their (sigma, noise) draws. Further fake steps draw fresh no-grad samples.
-   An `ikl.fake_scores.ObservedFakeScore` (e.g. `ikl.toy.EmpiricalDenoiser`, the exact denoiser of recent
-   samples) is not fitted: it is handed the same samples, gathered from all processes, and needs no optimizer.
+   An `ObservingFakeScore` is not fitted: it is handed the same samples, gathered from all processes.
    Order and effect: the fake score fits samples of the generator *before* this iteration's update, and the next
    generator step uses it, so it lags the generator by one step (the official schedule fits the fake score to the
    current generator, then updates the generator, at the cost of a second generator forward). At the small
@@ -42,59 +41,14 @@ from torch_utils import training_stats
 from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, latest_training_state, update_ema
 
 from .adapters import GeneratorAdapter
-from .divergences import autocast, dsm_from_forward, edm_dsm_loss
-from .fake_scores import FittedFakeScore, ObservedFakeScore
+from .divergences import autocast, edm_dsm_loss
+from .fake_scores import FakeScore, make_fake_score
 from .images import save_preview
 from .options import AMP_DTYPES, TrainingOptions, build_divergence
 from .sigmas import LogNormal
+from .updates import LossScaler, apply_update
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _all_finite(tensors) -> bool:
-    """No NaN/Inf in any of the tensors (one reduction and one sync: a NaN or Inf anywhere makes its sum one)."""
-    return bool(torch.isfinite(torch.stack([t.sum() for t in tensors]).sum()))
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many steps in a row were skipped as non-finite: training on would only write stale networks."""
-
-
-class LossScaler:
-    """Dynamic loss scaling plus the NaN/Inf guard: a step with non-finite gradients is skipped and counted, and
-    (when scaling is on) the scale halves; after `growth_interval` good steps in a row it doubles. With scaling
-    off the scale stays 1 and only the guard acts."""
-
-    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 15, growth_interval: int = 1000):
-        self.enabled = enabled
-        self.scale = float(init_scale) if enabled else 1.0
-        self.growth_interval = growth_interval
-        self.good_steps = 0
-        self.skipped = 0
-        self.skipped_in_row = 0
-
-    def update(self, finite: bool) -> None:
-        self.skipped_in_row = 0 if finite else self.skipped_in_row + 1
-        if not finite:
-            self.skipped += 1
-            self.good_steps = 0
-            if self.enabled:
-                self.scale = max(self.scale * 0.5, 1.0 / 2 ** 24)
-            return
-        self.good_steps += 1
-        if self.enabled and self.good_steps >= self.growth_interval:
-            self.scale = min(self.scale * 2.0, 2.0 ** 24)
-            self.good_steps = 0
-
-    def state_dict(self) -> Dict:
-        return dict(scale=self.scale, good_steps=self.good_steps, skipped=self.skipped, skipped_in_row=self.skipped_in_row)
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.scale, self.good_steps, self.skipped = float(state['scale']), int(state['good_steps']), int(state['skipped'])
-        self.skipped_in_row = int(state.get('skipped_in_row', 0))
 
 
 def default_snapshot(adapter: GeneratorAdapter, ema: GeneratorAdapter, fake_score: Optional[torch.nn.Module]) -> Dict:
@@ -109,11 +63,15 @@ def default_snapshot(adapter: GeneratorAdapter, ema: GeneratorAdapter, fake_scor
 
 
 class Trainer:
-    """Holds the networks, optimisers and counters of one run; `run()` trains to `total_kimg`."""
+    """Holds the networks, optimisers and counters of one run; `run()` trains to `total_kimg`.
 
-    def __init__(self, adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
-                 options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
-                 snapshot_fn: Callable = default_snapshot, on_snapshot: Optional[Callable] = None):
+    `fake_score`: a denoiser module (fitted by DSM, see `ikl.fake_scores.make_fake_score`), any other
+    `ikl.fake_scores.FakeScore`, or None for a divergence that needs none."""
+
+    def __init__(self, adapter: GeneratorAdapter, teacher: torch.nn.Module,
+                 fake_score: Union[torch.nn.Module, FakeScore, None], options: Union[Dict, TrainingOptions],
+                 run_dir: str, device: Optional[torch.device] = None, snapshot_fn: Callable = default_snapshot,
+                 on_snapshot: Optional[Callable] = None):
         self.opts = TrainingOptions.from_dict(options)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.opts.check(self.world)
@@ -126,13 +84,10 @@ class Trainer:
         self.amp = AMP_DTYPES[self.opts.precision]
 
         self.divergence = build_divergence(self.opts)
-        self.fake_sigma = LogNormal(self.opts.fake_P_mean, self.opts.fake_P_std)
-        if self.divergence.needs_fake_score and fake_score is None:
-            raise ValueError(f'divergence {self.opts.divergence!r} needs a fake-score network (usually a copy of the teacher)')
-        if fake_score is not None and fake_score is teacher:
-            raise ValueError('fake score: pass a copy of the teacher (copy.deepcopy), not the teacher itself')
-        self.fake_score = fake_score.to(self.device).requires_grad_(True) if self.divergence.needs_fake_score else None
+        self.tracking_sigma = LogNormal(self.opts.fake_P_mean, self.opts.fake_P_std)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.fake = self._fake_score(fake_score, teacher)
+        self.fake_score = None if self.fake is None else self.fake.net  # What the divergences call.
         self.adapter = adapter.to(self.device)
         if self.opts.precision == 'fp16':
             for net in [self.teacher, self.fake_score, *self.adapter.children()]:
@@ -140,18 +95,11 @@ class Trainer:
                     net.use_fp16 = True
         self.ema = copy.deepcopy(self.adapter).eval().requires_grad_(False)
 
-        betas, eps = tuple(self.opts.betas), self.opts.adam_eps
         self.g_params = [p for p in self.adapter.parameters() if p.requires_grad]
         if not self.g_params:
             raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
-        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=eps)
+        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=self.opts.adam_eps)
         self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
-        # The fake score's kind (ikl.fake_scores): an ObservedFakeScore is shown the samples; anything else is fitted.
-        self.fake_observes = isinstance(self.fake_score, ObservedFakeScore)
-        self.fitted = None
-        if self.fake_score is not None and not self.fake_observes:
-            self.fitted = FittedFakeScore(self.fake_score, self.opts.fake_lr, betas, eps, LossScaler(
-                self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval))
 
         self.iteration = 0
         self.cur_nimg = 0
@@ -159,21 +107,31 @@ class Trainer:
         self.tick_start_nimg = 0
         self._tick_params = None  # The generator's parameters at the last tick, for `Tracking/g_update`.
 
-    # -- randomness -------------------------------------------------------------------------------------------
+    def _fake_score(self, fake_score, teacher) -> Optional[FakeScore]:
+        if not self.divergence.needs_fake_score:
+            return None
+        if fake_score is None:
+            raise ValueError(f'divergence {self.opts.divergence!r} needs a fake-score network (usually a copy of the teacher)')
+        given = isinstance(fake_score, FakeScore)
+        net = fake_score.net if given else fake_score
+        if net is teacher:
+            raise ValueError('fake score: pass a copy of the teacher (copy.deepcopy), not the teacher itself')
+        net.to(self.device).requires_grad_(True)
+        return fake_score if given else make_fake_score(net, self.opts)
 
-    def _seed(self, purpose: int, round_idx: int) -> int:
+    # -- what the fake score's steps use ----------------------------------------------------------------------
+
+    def seed(self, purpose: int, round_idx: int) -> int:
         """A 63-bit seed for one (iteration, purpose, global chunk)."""
         return counter_seed(self.opts.seed, self.iteration, purpose, round_idx * self.world + self.rank)
 
-    def _rng(self, purpose: int, round_idx: int) -> torch.Generator:
+    def rng(self, purpose: int, round_idx: int) -> torch.Generator:
         """Generator for one chunk; also reseeds torch's global RNG so dropout is reproducible."""
-        seed = self._seed(purpose, round_idx)
+        seed = self.seed(purpose, round_idx)
         torch.manual_seed(seed)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    # -- one iteration ----------------------------------------------------------------------------------------
-
-    def _lr_factor(self) -> float:
+    def lr_factor(self) -> float:
         """Linear warm-up from zero, then a cosine ramp-down that reaches zero at total_kimg. A late ramp-down lets
         the generator settle where a constant lr keeps it jittering (sharper modes in `experiments/toy2d/toy2d.py`)."""
         o, kimg = self.opts, self.cur_nimg / 1000
@@ -183,89 +141,11 @@ class Trainer:
             factor *= 0.5 - 0.5 * math.cos(math.pi * left)
         return factor
 
-    def _apply_gradients(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> bool:
-        """Sum gradients over processes, then skip (non-finite) or unscale and step. Returns whether it stepped."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.world > 1:
-            flat = torch.cat([g.flatten() for g in grads])
-            torch.distributed.all_reduce(flat)
-            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
-            finite = bool(torch.isfinite(flat).all())
-        else:
-            finite = _all_finite(grads)
-        if finite:
-            if scaler.scale != 1.0:
-                torch._foreach_mul_(grads, 1.0 / scaler.scale)
-            for p, g in zip(params, grads):
-                p.grad = g
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            before = [p.detach().clone() for p in params]
-            optimizer.step()
-            # Finite gradients can still make a non-finite update (an lr of inf, an overflow in Adam): undo it.
-            if not _all_finite([p.detach() for p in params]):
-                with torch.no_grad():
-                    for p, old in zip(params, before):
-                        p.copy_(old)
-                finite = False
-        scaler.update(finite)
-        training_stats.report0(f'Progress/skipped_{name}', float(not finite))
-        for p in params:
-            p.grad = None
-        if scaler.skipped_in_row > self.opts.max_skipped_in_row:
-            raise TrainingDiverged(f'{name}: {scaler.skipped_in_row} steps in a row had non-finite gradients or '
-                                   f'updates; stopped (the last snapshot holds the last finite networks; lower the '
-                                   f'learning rates or raise --max-skipped)')
-        return finite
+    def update(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> bool:
+        """One guarded update of `params` (see `ikl.updates.apply_update`)."""
+        return apply_update(params, optimizer, scaler, lr, name, self.world, self.opts.max_skipped_in_row)
 
-    def _shares_fake_forward(self) -> bool:
-        """DSM can reuse the generator step's fake forward when it is IKL under the same sigma law as the fake's."""
-        o = self.opts
-        return (self.fitted is not None and o.fake_forward == 'shared' and o.schedule == 'reuse'
-                and o.divergence == 'ikl' and o.sigma == 'lognormal'
-                and (o.P_mean, o.P_std) == (o.fake_P_mean, o.fake_P_std))
-
-    def _generator_step(self) -> list:
-        """Generator update (and, with a shared fake forward, the first fake-score gradient). Returns the samples."""
-        o = self.opts
-        share = self._shares_fake_forward()
-        self.adapter.train()
-        self.teacher.train(o.step_dropout)
-        if self.fake_score is not None:
-            self.fake_score.train(o.step_dropout)
-        samples = []
-        for r in range(self.rounds):
-            gen = self._rng(0, r)
-            with autocast(self.adapter, self.device, self.amp):
-                x0, labels = self.adapter.sample(self.batch_gpu, gen)
-            x0 = x0.float()
-            kwargs = dict(dropout_seed=self._seed(3, r))
-            if share:
-                loss, fake_fwd = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen,
-                                                                keep_fake_graph=True, **kwargs)
-                fake_loss = dsm_from_forward(fake_fwd, o.sigma_data)
-                training_stats.report('Loss/fake_score', fake_loss)
-                total = (loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
-                         + fake_loss.sum() * (o.fake_loss_scale * self.fitted.scaler.scale / o.batch))
-            else:
-                loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
-                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
-            total.backward()
-            samples.append((x0.detach(), None if labels is None else labels.detach()))
-        self.teacher.eval()
-        self._apply_gradients(self.g_params, self.g_opt, self.g_scaler, o.g_lr * self._lr_factor(), 'G')
-        if share:
-            self._apply_gradients(self.fitted.params, self.fitted.opt, self.fitted.scaler, o.fake_lr * self._lr_factor(), 'fake')
-        return samples
-
-    def _fresh_samples(self, purpose: int, r: int):
-        self.adapter.eval()
-        with torch.no_grad(), autocast(self.adapter, self.device, self.amp):
-            x, labels = self.adapter.sample(self.batch_gpu, self._rng(purpose, r))
-        self.adapter.train()
-        return x.float(), labels
-
-    def _gathered(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def gathered(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """x from every process, concatenated in rank order (x itself with one process)."""
         if x is None or self.world == 1:
             return x
@@ -273,21 +153,54 @@ class Trainer:
         torch.distributed.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
-    def _fake_steps(self, reused=None, first: int = 0):
-        """Fake-score steps `first`.. on the reused samples (step 0) or fresh ones: DSM, or `observe` (see __init__)."""
+    # -- one iteration ----------------------------------------------------------------------------------------
+
+    def _generator_step(self) -> list:
+        """The Diff-Instruct update of the generator (and, with a shared fake forward, the fake score's first
+        update). Returns the samples, detached, per accumulation round."""
         o = self.opts
-        self.fake_score.train()
-        for k in range(first, o.fake_steps):
-            for r in range(self.rounds):
-                x, labels = reused[r] if (k == 0 and reused is not None) else self._fresh_samples(1 + 2 * k, r)
-                if self.fake_observes:
-                    self.fake_score.observe(self._gathered(x), self._gathered(labels))
-                    continue
-                loss = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma, self._rng(2 + 2 * k, r), o.sigma_data, self.amp)
-                training_stats.report('Loss/fake_score', loss)
-                (loss.sum() * (o.fake_loss_scale * self.fitted.scaler.scale / o.batch)).backward()
-            if self.fitted is not None:
-                self._apply_gradients(self.fitted.params, self.fitted.opt, self.fitted.scaler, o.fake_lr * self._lr_factor(), 'fake')
+        share = self.fake is not None and self.fake.shares_generator_forward
+        self.adapter.train()
+        self.teacher.train(o.step_dropout)
+        if self.fake_score is not None:
+            self.fake_score.train(o.step_dropout)
+        samples = []
+        for r in range(self.rounds):
+            gen = self.rng(0, r)
+            with autocast(self.adapter, self.device, self.amp):
+                x0, labels = self.adapter.sample(self.batch_gpu, gen)
+            x0 = x0.float()
+            kwargs = dict(dropout_seed=self.seed(3, r))
+            if share:
+                loss, fake_fwd = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen,
+                                                                keep_fake_graph=True, **kwargs)
+                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch) + self.fake.loss_from_forward(fake_fwd)
+            else:
+                loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
+                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+            total.backward()
+            samples.append((x0.detach(), None if labels is None else labels.detach()))
+        self.teacher.eval()
+        self.update(self.g_params, self.g_opt, self.g_scaler, o.g_lr * self.lr_factor(), 'G')
+        if share:
+            self.fake.apply(self)
+        return samples
+
+    def _fresh_samples(self, purpose: int, r: int):
+        self.adapter.eval()
+        with torch.no_grad(), autocast(self.adapter, self.device, self.amp):
+            x, labels = self.adapter.sample(self.batch_gpu, self.rng(purpose, r))
+        self.adapter.train()
+        return x.float(), labels
+
+    def _fake_steps(self, reused: Optional[list] = None, first: int = 0) -> None:
+        """Fake-score steps `first`.. of this iteration: step 0 on the generator step's samples when given, the
+        others on fresh no-grad samples."""
+        for k in range(first, self.opts.fake_steps):
+            if k == 0 and reused is not None:
+                self.fake.step(self, reused.__getitem__, k)
+            else:
+                self.fake.step(self, lambda r, k=k: self._fresh_samples(1 + 2 * k, r), k)
 
     @torch.no_grad()
     def _report_tracking(self) -> None:
@@ -298,15 +211,15 @@ class Trainer:
         teacher's on the generator's own samples: the gap is the information the IKL gradient is made from.
         `g_update` is the relative parameter change since the last tick (|theta - theta_prev| / |theta_prev|)."""
         o = self.opts
-        if self.fitted is not None:
+        if self.fake_score is not None:
             self.fake_score.eval()
             for r in range(self.rounds):
                 x, labels = self._fresh_samples(1000, r)  # Purposes far above the fake steps' 1 + 2k, 2 + 2k.
-                rng = self._seed(1001, r)
-                fake = edm_dsm_loss(self.fake_score, x, labels, self.fake_sigma,
-                                    torch.Generator(device=self.device).manual_seed(rng), o.sigma_data, self.amp)
-                teacher = edm_dsm_loss(self.teacher, x, labels, self.fake_sigma,
-                                       torch.Generator(device=self.device).manual_seed(rng), o.sigma_data, self.amp)
+                seed = self.seed(1001, r)
+                fake = edm_dsm_loss(self.fake_score, x, labels, self.tracking_sigma,
+                                    torch.Generator(device=self.device).manual_seed(seed), o.sigma_data, self.amp)
+                teacher = edm_dsm_loss(self.teacher, x, labels, self.tracking_sigma,
+                                       torch.Generator(device=self.device).manual_seed(seed), o.sigma_data, self.amp)
                 training_stats.report('Tracking/dsm_fake', fake)
                 training_stats.report('Tracking/dsm_teacher', teacher)
                 training_stats.report('Tracking/dsm_gap', teacher - fake)
@@ -324,15 +237,15 @@ class Trainer:
     def step(self) -> None:
         """One iteration: generator update, fake-score update(s), EMA (order per `schedule`). During the fake-score
         warm-up only the fake score trains, on no-grad samples; the iteration still counts its samples."""
-        if self.fake_score is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000:
-            self._fake_steps(reused=None)
-        elif self.fake_score is not None and self.opts.schedule == 'official':
-            self._fake_steps(reused=None)
+        if self.fake is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000:
+            self._fake_steps()
+        elif self.fake is not None and self.opts.schedule == 'official':
+            self._fake_steps()
             self._generator_step()
         else:
             samples = self._generator_step()
-            if self.fake_score is not None:
-                self._fake_steps(reused=samples, first=int(self._shares_fake_forward()))
+            if self.fake is not None:
+                self._fake_steps(reused=samples, first=int(self.fake.shares_generator_forward))
         self._update_ema()
         self.cur_nimg += self.opts.batch
         self.iteration += 1
@@ -346,10 +259,8 @@ class Trainer:
                      adapter=self.adapter.state_dict(), ema=self.ema.state_dict(),
                      g_opt=self.g_opt.state_dict(), g_scaler=self.g_scaler.state_dict(),
                      torch_rng=torch.get_rng_state())
-        if self.fake_score is not None:
-            state['fake_score'] = self.fake_score.state_dict()
-        if self.fitted is not None:
-            state.update(self.fitted.state_dict())
+        if self.fake is not None:
+            state.update(self.fake.state_dict())
         if self.device.type == 'cuda':
             state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         return state
@@ -363,10 +274,8 @@ class Trainer:
         self.ema.load_state_dict(state['ema'])
         self.g_opt.load_state_dict(state['g_opt'])
         self.g_scaler.load_state_dict(state['g_scaler'])
-        if self.fake_score is not None:
-            self.fake_score.load_state_dict(state['fake_score'])
-        if self.fitted is not None:
-            self.fitted.load_state_dict(state)
+        if self.fake is not None:
+            self.fake.load_state_dict(state)
         torch.set_rng_state(state['torch_rng'])
         if 'cuda_rng' in state and self.device.type == 'cuda':
             torch.cuda.set_rng_state(state['cuda_rng'], self.device)
@@ -440,7 +349,8 @@ class Trainer:
                 stats = clock.end_tick()
                 self.cur_tick, self.tick_start_nimg = clock.cur_tick, clock.tick_start_nimg
                 if not o.progress:
-                    fake_loss = f"fake_loss {stats['Loss/fake_score'].mean:<8.4g} " if self.fitted is not None else ''
+                    fake = stats.get('Loss/fake_score')
+                    fake_loss = f'fake_loss {fake.mean:<8.4g} ' if fake is not None and fake.num else ''
                     clock.log(f'tick {self.cur_tick - 1:<5d} kimg {self.cur_nimg / 1000:<9.1f} '
                               f"sec/kimg {stats['Timing/sec_per_kimg'].mean:<8.2f} {fake_loss}skipped {self.g_scaler.skipped}")
                 if clock.snapshot_due:

@@ -17,7 +17,7 @@ import torch
 
 import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
-from ikl.engine import TrainingDiverged, default_snapshot, train
+from ikl import TrainingDiverged, default_snapshot, train
 from ikl.options import TrainingOptions
 from metrics import MetricRunner
 from metrics.metric_main import append_jsonl

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ikl  # noqa: E402
-from ikl.toy import EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
+from ikl.toy import MLPDenoiser, MLPGenerator, VectorDenoiser  # noqa: E402
 from teachers.analytic import ring8  # noqa: E402
 from training.run import latest_training_state  # noqa: E402
 
@@ -27,7 +27,27 @@ OPTS = dict(total_kimg=0.32, batch=32, batch_gpu=16, g_lr=1e-3, fake_lr=1e-3, lr
             tensorboard=False, seed=3)
 
 
-FAKES = dict(fitted=lambda: MLPDenoiser(2, 32, 2, sigma_data=1.0), empirical=lambda: EmpiricalDenoiser(torch.randn(48, 2)))
+class RecentSamples(VectorDenoiser, ikl.ObservingDenoiser):
+    """An observing fake score for the tests: keeps the last `capacity` samples it was shown (a ring buffer) and
+    denoises everything to their mean, enough to see which samples reach it and that they resume exactly."""
+
+    def __init__(self, initial: torch.Tensor):
+        super().__init__(initial.shape[1])
+        self.register_buffer('samples', initial.clone())
+        self.register_buffer('write_pos', torch.zeros([], dtype=torch.int64))
+
+    @torch.no_grad()
+    def observe(self, x, class_labels=None):
+        rows = (self.write_pos + torch.arange(x.shape[0])) % self.samples.shape[0]
+        self.samples[rows] = x.detach()
+        self.write_pos.copy_((self.write_pos + x.shape[0]) % self.samples.shape[0])
+
+    def forward(self, x, sigma, class_labels=None, **unused_kwargs):
+        return self.samples.mean(0, keepdim=True).expand_as(x)
+
+
+FAKES = dict(fitted=lambda: MLPDenoiser(2, 32, 2, sigma_data=1.0),
+             observing=lambda: ikl.ObservingFakeScore(RecentSamples(torch.randn(48, 2))))
 
 
 def _networks(fake='fitted'):
@@ -76,14 +96,15 @@ def test_resume_after_interruption_is_exact(tmp_path, fake_kind):
     assert not torch.equal(want['G.G.net.0.weight'], adapter.state_dict()['G.net.0.weight'])  # it did train
 
 
-def test_empirical_fake_score_is_handed_the_generator_step_samples(tmp_path, capsys):
-    adapter, teacher, fake = _networks('empirical')
+def test_observing_fake_score_is_handed_the_generator_step_samples(tmp_path, capsys):
+    adapter, teacher, observing = _networks('observing')
+    fake = observing.net
     opts = dict(OPTS, total_kimg=0.128, batch=32, batch_gpu=16)
-    trainer = ikl.Trainer(adapter, teacher, fake, opts, str(tmp_path))
-    assert trainer.fitted is None  # nothing to fit
+    trainer = ikl.Trainer(adapter, teacher, observing, opts, str(tmp_path))
+    assert trainer.fake is observing and trainer.fake_score is fake
     for step in range(3):
         with torch.no_grad():  # what the generator step will sample: its two accumulation rounds, before its update
-            want = torch.cat([adapter.sample(16, torch.Generator().manual_seed(trainer._seed(0, r)))[0] for r in range(2)])
+            want = torch.cat([adapter.sample(16, torch.Generator().manual_seed(trainer.seed(0, r)))[0] for r in range(2)])
         trainer.step()
         assert int(fake.write_pos) == 32 * (step + 1) % 48
     # 96 samples went into 48 places: the stored ones are the last 48, the last step's 32 among them.
@@ -148,7 +169,7 @@ def test_nan_guard_skips_bad_step_and_training_continues(tmp_path):
     for _ in range(3):
         trainer.step()
     assert trainer.g_scaler.skipped == 1
-    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fitted.params)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake.params)
     assert not all(torch.equal(a, b) for a, b in zip(after_two, trainer.g_params))
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))
 
@@ -213,13 +234,13 @@ def test_lr_warmup_then_cosine_rampdown(tmp_path):
     trainer = ikl.Trainer(adapter, teacher, fake, dict(OPTS, batch_gpu=32, lr_warmup_kimg=0.064, lr_rampdown_kimg=0.16),
                           str(tmp_path))
     rates = {'G': [], 'fake': []}
-    apply = trainer._apply_gradients
+    apply = trainer.update
 
     def recording(params, optimizer, scaler, lr, name):
         rates[name].append(lr)
         return apply(params, optimizer, scaler, lr, name)
 
-    trainer._apply_gradients = recording
+    trainer.update = recording
     for _ in range(10):
         trainer.step()
     cosine_tail = [0.5 - 0.5 * math.cos(math.pi * left / 160) for left in (128, 96, 64, 32)]
@@ -335,5 +356,5 @@ def test_autocast_path_on_plain_networks(tmp_path, precision):
         trainer.step()
     assert trainer.g_scaler.scale == (2.0 ** 15 if precision == 'fp16' else 1.0)
     assert trainer.g_scaler.skipped == 0
-    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fitted.params)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.g_params + trainer.fake.params)
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.g_params))

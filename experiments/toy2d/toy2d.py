@@ -38,9 +38,11 @@ from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange  # noqa: E402
 
 import ikl  # noqa: E402
 from ikl.images import save_scatter  # noqa: E402
-from ikl.toy import ACTIVATIONS, EmpiricalDenoiser, MLPDenoiser, MLPGenerator  # noqa: E402
+from ikl.toy import ACTIVATIONS, MLPDenoiser, MLPGenerator  # noqa: E402
 from teachers.analytic import GaussianMixture, grid25  # noqa: E402
 from training.run import kimg_files  # noqa: E402
+
+from empirical import EmpiricalDenoiser  # noqa: E402
 
 DROPPED = [0, 7, 12, 18, 24]  # modes the starting generator is steered away from
 EMPIRICAL_SAMPLES = 8192  # an empirical fake score holds the samples of the last 32 iterations of 256
@@ -239,6 +241,8 @@ def main(outdir, kimg, batch, lr, fake_lr, fake_steps, p_mean, p_std, weighting,
             if method != 'none':
                 adapter = ikl.ModuleAdapter(copy.deepcopy(G1), [G1.z_dim])
                 fake = copy.deepcopy(fake0) if method == 'ikl' else None
+                if isinstance(fake, EmpiricalDenoiser):
+                    fake = ikl.ObservingFakeScore(fake)  # shown the samples, not fitted
                 run_dir = os.path.join(outdir, method)
                 model = ikl.train(adapter, teacher, fake, dict(opts, divergence=method, **tracking), run_dir).ema
                 if snapshots:
