@@ -1,0 +1,43 @@
+"""The along-run analysis: per-class distances and precision/recall against an independent computation."""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from along_run import evaluate, snapshots  # noqa: E402
+
+
+def _gaussian_fd(mu1, cov1, mu2, cov2):
+    """Frechet distance by eigendecomposition (an independent route to the matrix square root)."""
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ cov2 @ root1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+
+
+def test_per_class_distances_follow_the_class_means_and_a_collapsed_class_loses_recall():
+    rng = np.random.default_rng(0)
+    real = [(rng.normal(3.0 * c, 1.0, size=(400, 4)), 0.1 * c) for c in range(3)]
+    shifted = [(rng.normal(3.0 * c + (2.0 if c == 1 else 0.0), 1.0, size=(400, 4)), 0.2) for c in range(3)]
+    row = evaluate(shifted, real)
+    for c in range(3):
+        want = _gaussian_fd(shifted[c][0].mean(0), np.cov(shifted[c][0], rowvar=False),
+                            real[c][0].mean(0), np.cov(real[c][0], rowvar=False))
+        assert abs(row['fd_class'][c] - want) < 2e-3
+    assert row['fd_class'][1] > 10 * max(row['fd_class'][0], row['fd_class'][2])  # only class 1 was moved
+    assert row['brightness'] == [0.2, 0.2, 0.2]
+    fresh = [(rng.normal(3.0 * c, 1.0, size=(400, 4)), 0.0) for c in range(3)]
+    collapsed = [(g if c != 2 else g[:1] + 1e-3 * rng.normal(size=(400, 4)), b) for c, (g, b) in enumerate(fresh)]
+    full, few = evaluate(fresh, real), evaluate(collapsed, real)
+    assert full['recall'] > 0.8 and few['recall'] < full['recall'] - 0.2  # one class of three collapsed to a point
+
+
+def test_snapshots_are_the_numbered_pickles_in_kimg_order(tmp_path):
+    for name in ['network-snapshot-000010.pkl', 'network-snapshot-000002.048.pkl', 'network-snapshot-best.pkl',
+                 'training-state-000002.048.pt']:
+        (tmp_path / name).write_bytes(b'')
+    assert [k for k, _ in snapshots(str(tmp_path))] == [2.048, 10.0]
