@@ -1,4 +1,5 @@
-"""Loading teachers: NVIDIA's official EDM pickles by short name, or any upstream-layout pickle by path or URL.
+"""Loading teachers: NVIDIA's official EDM pickles by short name, any upstream-layout pickle by path or URL, or a
+diffusers model (a folder written by `save_pretrained`, or a Hub id in the local cache: see `diffusers_load`).
 
 An EDM snapshot is `dict(ema=<denoiser>, loss_fn=..., augment_pipe=..., dataset_kwargs=...)`; the `ema` network
 is a teacher as it is (its embedded source runs against our `torch_utils`). `rebuild_teacher` re-creates it as
@@ -14,6 +15,7 @@ import dnnlib
 from torch_utils.pickle_reader import NetworkPickleError, read_pickle
 
 from . import networks
+from .diffusers_load import DiffusersLoadError, is_diffusers_source, load_diffusers_teacher
 from .interface import missing_teacher_attributes
 
 EDM_PRETRAINED = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
@@ -81,12 +83,17 @@ def teacher_from_pickle_data(data: Any, source: str = 'pickle') -> torch.nn.Modu
 
 def load(name_or_path_or_url: str, device='cpu', rebuild: bool = False, cache_dir: Optional[str] = None,
          verbose: bool = True) -> torch.nn.Module:
-    """A teacher in eval mode on `device`, without gradients, from an official short name, path or URL.
+    """A teacher in eval mode on `device`, without gradients, from an official short name, path or URL, or a
+    diffusers folder or cached Hub id (a `DiffusersTeacher`).
 
     Official names: see `OFFICIAL` (e.g. `cifar10-uncond`, `edm-ffhq-64x64-uncond-vp`). With `rebuild=True`
     the upstream network is re-created as our own class (see `rebuild_teacher`).
     """
     source = str(name_or_path_or_url)
+    if is_diffusers_source(source):
+        if rebuild:
+            raise DiffusersLoadError(f'{source}: rebuild applies to EDM pickles, not to diffusers models')
+        return load_diffusers_teacher(source).eval().requires_grad_(False).to(device)
     net = teacher_from_pickle_data(load_pickle(source, cache_dir=cache_dir, verbose=verbose), source=resolve(source))
     if rebuild:
         net = rebuild_teacher(net)
