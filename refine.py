@@ -3,7 +3,7 @@
 The generator's samples are diffused, the teacher's score is compared with an online "fake" score fitted to the
 generator's own samples, and the generator is pushed along the difference. No dataset is read. The run directory
 holds the resolved configuration, a log, `stats.jsonl`, sample grids before and at each snapshot (same latents),
-snapshots in the upstream stylegan2-ada-pytorch layout (refined `G` and `G_ema`, the original `D`) that upstream
+snapshots in the upstream stylegan2-ada-pytorch layout (refined `G` and `G_ema`, the pickle's `D`) that upstream
 tools load unchanged, and the training state (fake score, optimisers, RNG) for an exact `--resume`.
 
 Loading a pickle runs the code stored inside it: only load files you trust (see --refuse-unknown-code).
@@ -18,7 +18,9 @@ import torch
 
 import dnnlib
 from dnnlib.cli_types import FiniteFloatRange
+import ikl
 import teachers
+from pipelines.critic import DiscriminatorCritic, teacher_bank
 from pipelines.generators import StyleGAN2Adapter
 from pipelines import cli
 from pipelines.cli import SetupError
@@ -62,13 +64,26 @@ def load_teacher(name: str, device: torch.device) -> torch.nn.Module:
 
 
 def refine_snapshot(original: dict):
-    """Snapshot content: the upstream layout with the refined G and G_ema and the original D."""
+    """Snapshot content: the upstream layout with the refined G and G_ema and the pickle's D (trained on against the
+    teacher's samples with `--adv`, unchanged otherwise)."""
     def snapshot(adapter: StyleGAN2Adapter, ema: StyleGAN2Adapter, fake_score: Optional[torch.nn.Module]) -> dict:
         frozen = lambda net: None if net is None else copy.deepcopy(net).eval().requires_grad_(False).cpu()
         return dict(G=frozen(adapter.G), D=frozen(original.get('D')), G_ema=frozen(ema.G),
                     augment_pipe=frozen(original.get('augment_pipe')),
                     training_set_kwargs=copy.deepcopy(original.get('training_set_kwargs')))
     return snapshot
+
+def make_critic(c: dnnlib.EasyDict, original: dict, teacher: torch.nn.Module, label_dim: int, opts) -> ikl.TeacherSampleCritic:
+    """`--adv`: the pickle's D against a cached bank of `--adv-bank` teacher samples (drawn on first use)."""
+    D = original.get('D')
+    if D is None:
+        raise SetupError(f'--adv: {c.network} holds no discriminator D to train against the teacher\'s samples')
+    if D.c_dim not in (0, label_dim):
+        raise SetupError(f'--adv: the discriminator of {c.network} has {D.c_dim} classes but the teacher sees '
+                         f'{label_dim}; an unconditional teacher cannot train a conditional D')
+    images, labels = teacher_bank(c.teacher, teacher, c.adv_bank, progress=not c.no_progress)
+    D = original['D'] = rebuild_network(D).train().requires_grad_(True)  # Snapshots export this trained D.
+    return ikl.TeacherSampleCritic(DiscriminatorCritic(D), images, labels, opts)
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -98,11 +113,12 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_r
         print(json.dumps(c, indent=2))
         return
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True) if opts.divergence != 'sds' else None
+    critic = make_critic(c, original, teacher, label_dim, opts) if opts.adv_weight > 0 else None
     native = lambda ema: StyleGAN2Adapter(ema.G, trainable='none')  # Metrics as upstream: psi 1, random noise.
     cli.start('refine', c, run_dir, resume, adapter, teacher, fake_score, device, snapshot_fn=refine_snapshot(original),
               to_generator=native,
               description=f'Refining {c.network} ({c.source_net}, {G.img_resolution}px, {G.c_dim} classes) with '
-                          f'{c.teacher} ({teacher.img_resolution}px)')
+                          f'{c.teacher} ({teacher.img_resolution}px)', critic=critic)
 
 
 @click.command(epilog='''\b
@@ -130,6 +146,12 @@ Examples:
 @click.option('--train-noise-strength', type=bool, default=False, show_default=True, help='Also train the per-layer noise strengths (off: their IKL gradient is noise)')
 @click.option('--trunc', type=FiniteFloatRange(min=0), default=1.0, show_default=True, help='Truncation psi during training')
 @click.option('--noise-mode', type=click.Choice(['random', 'const', 'none']), default='random', show_default=True, help='Synthesis noise during training')
+@click.option('--adv', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the data-free adversarial term: the pickle's D trained on teacher samples (0: off)")
+@click.option('--adv-lr', type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True, help='--adv: D learning rate')
+@click.option('--adv-r1', type=FiniteFloatRange(min=0), default=0.01, show_default=True, help='--adv: R1 weight on the teacher samples')
+@click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
+              help='--adv: teacher samples in the bank (drawn once, cached per teacher file)')
 @cli.engine_options
 def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""

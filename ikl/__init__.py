@@ -31,7 +31,8 @@ How `refine.py` and `distill.py` use it::
 
 Modules: `sigmas` (noise laws, weightings), `divergences` (IKL, SDS, SiD; EDM DSM for the fake score),
 `adapters` (base class, `ModuleAdapter`, `OneStepStudentAdapter`), `fake_scores` (the fake-score interface: fitted
-by DSM, sharing the generator step's forward, or observing the samples), `updates` (the guarded optimiser step, loss
+by DSM, sharing the generator step's forward, or observing the samples), `critic` (an optional adversarial term
+against teacher samples), `updates` (the guarded optimiser step, loss
 scaling), `options`, `engine` (the iteration and the loop), `images`, `toy` (MLP nets on flat vectors, for tests).
 """
 
@@ -39,6 +40,7 @@ from .adapters import GeneratorAdapter, ModuleAdapter, OneStepStudentAdapter
 from .divergences import IKL, SDS, Divergence, SiD, edm_dsm_loss, make_divergence
 from .fake_scores import (FakeScore, FittedFakeScore, ObservingDenoiser, ObservingFakeScore, SharedForwardFakeScore,
                           make_fake_score)
+from .critic import TeacherSampleCritic
 from .engine import Trainer, default_snapshot, train
 from .options import TrainingOptions, build_divergence
 from .sigmas import Fixed, Karras, LogNormal, implied_weight, make_sigma_distribution
@@ -46,7 +48,7 @@ from .updates import LossScaler, TrainingDiverged
 
 __all__ = ['GeneratorAdapter', 'ModuleAdapter', 'OneStepStudentAdapter', 'IKL', 'SDS', 'SiD', 'Divergence',
            'edm_dsm_loss', 'make_divergence', 'FakeScore', 'FittedFakeScore', 'SharedForwardFakeScore',
-           'ObservingDenoiser', 'ObservingFakeScore', 'make_fake_score', 'LossScaler', 'Trainer', 'TrainingDiverged',
+           'ObservingDenoiser', 'ObservingFakeScore', 'make_fake_score', 'TeacherSampleCritic', 'LossScaler', 'Trainer', 'TrainingDiverged',
            'TrainingOptions', 'default_snapshot',
            'train', 'build_divergence', 'Fixed', 'Karras', 'LogNormal', 'implied_weight',
            'make_sigma_distribution']

@@ -19,7 +19,9 @@ Per iteration (schedule `reuse`, the default):
    current generator, then updates the generator, at the cost of a second generator forward). At the small
    learning rates of Diff-Instruct the lag is one small step; `schedule='official'` reproduces the upstream order
    (fake step on an extra no-grad generator pass, then the generator step on fresh samples) for comparison.
-3. EMA of the generator (half-life in kimg, ramp-up ratio; parameters are averaged, buffers copied).
+3. With a critic (`ikl.critic`, `adv_weight > 0`): its softplus(-D(x0)) joins the generator's loss in step 1,
+   and after the generator's update the critic takes one step on step 1's samples against teacher samples.
+4. EMA of the generator (half-life in kimg, ramp-up ratio; parameters are averaged, buffers copied).
 
 Randomness is a function of counters: every accumulation chunk of every iteration gets its own generator seeded
 from (seed, iteration, purpose, global chunk index), and torch's global RNG (dropout) is reseeded the same way.
@@ -41,6 +43,7 @@ from torch_utils import training_stats
 from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, latest_training_state, update_ema
 
 from .adapters import GeneratorAdapter
+from .critic import TeacherSampleCritic
 from .divergences import autocast, edm_dsm_loss
 from .fake_scores import FakeScore, make_fake_score
 from .images import save_preview
@@ -66,12 +69,13 @@ class Trainer:
     """Holds the networks, optimisers and counters of one run; `run()` trains to `total_kimg`.
 
     `fake_score`: a denoiser module (fitted by DSM, see `ikl.fake_scores.make_fake_score`), any other
-    `ikl.fake_scores.FakeScore`, or None for a divergence that needs none."""
+    `ikl.fake_scores.FakeScore`, or None for a divergence that needs none. `critic`: a `TeacherSampleCritic`,
+    required when `adv_weight > 0` and refused otherwise."""
 
     def __init__(self, adapter: GeneratorAdapter, teacher: torch.nn.Module,
                  fake_score: Union[torch.nn.Module, FakeScore, None], options: Union[Dict, TrainingOptions],
                  run_dir: str, device: Optional[torch.device] = None, snapshot_fn: Callable = default_snapshot,
-                 on_snapshot: Optional[Callable] = None):
+                 on_snapshot: Optional[Callable] = None, critic: Optional[TeacherSampleCritic] = None):
         self.opts = TrainingOptions.from_dict(options)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.opts.check(self.world)
@@ -88,6 +92,9 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.fake = self._fake_score(fake_score, teacher)
         self.fake_score = None if self.fake is None else self.fake.net  # What the divergences call.
+        if (critic is None) != (self.opts.adv_weight == 0):
+            raise ValueError(f'critic: adv_weight={self.opts.adv_weight:g} needs a critic exactly when it is > 0')
+        self.critic = None if critic is None else critic.to(self.device)
         self.adapter = adapter.to(self.device)
         if self.opts.precision == 'fp16':
             for net in [self.teacher, self.fake_score, *self.adapter.children()]:
@@ -178,6 +185,8 @@ class Trainer:
             else:
                 loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
                 total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+            if self.critic is not None:
+                total = total + self.critic.generator_loss(x0, labels).sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
             total.backward()
             samples.append((x0.detach(), None if labels is None else labels.detach()))
         self.teacher.eval()
@@ -239,13 +248,19 @@ class Trainer:
         warm-up only the fake score trains, on no-grad samples; the iteration still counts its samples."""
         if self.fake is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000:
             self._fake_steps()
+            if self.critic is not None:
+                self.critic.step(self, lambda r: self._fresh_samples(902, r))
         elif self.fake is not None and self.opts.schedule == 'official':
             self._fake_steps()
-            self._generator_step()
+            samples = self._generator_step()
+            if self.critic is not None:
+                self.critic.step(self, samples.__getitem__)
         else:
             samples = self._generator_step()
             if self.fake is not None:
                 self._fake_steps(reused=samples, first=int(self.fake.shares_generator_forward))
+            if self.critic is not None:
+                self.critic.step(self, samples.__getitem__)
         self._update_ema()
         self.cur_nimg += self.opts.batch
         self.iteration += 1
@@ -261,6 +276,8 @@ class Trainer:
                      torch_rng=torch.get_rng_state())
         if self.fake is not None:
             state.update(self.fake.state_dict())
+        if self.critic is not None:
+            state.update(self.critic.state_dict())
         if self.device.type == 'cuda':
             state['cuda_rng'] = torch.cuda.get_rng_state(self.device)
         return state
@@ -276,6 +293,8 @@ class Trainer:
         self.g_scaler.load_state_dict(state['g_scaler'])
         if self.fake is not None:
             self.fake.load_state_dict(state)
+        if self.critic is not None:
+            self.critic.load_state_dict(state)
         torch.set_rng_state(state['torch_rng'])
         if 'cuda_rng' in state and self.device.type == 'cuda':
             torch.cuda.set_rng_state(state['cuda_rng'], self.device)
@@ -367,13 +386,13 @@ class Trainer:
 def train(adapter: GeneratorAdapter, teacher: torch.nn.Module, fake_score: Optional[torch.nn.Module],
           options: Union[Dict, TrainingOptions], run_dir: str, device: Optional[torch.device] = None,
           snapshot_fn: Callable = default_snapshot, resume: Optional[str] = None,
-          on_snapshot: Optional[Callable] = None) -> Trainer:
+          on_snapshot: Optional[Callable] = None, critic: Optional[TeacherSampleCritic] = None) -> Trainer:
     """Build a Trainer and run it to `options.total_kimg`; returns the trainer (its `ema`, `adapter`, counters).
 
     `on_snapshot(trainer, path)` runs on rank 0 after every snapshot is written, and once before training starts
     (path None); refine.py and distill.py compute their `--metrics` there."""
     trainer = Trainer(adapter, teacher, fake_score, options, run_dir, device=device, snapshot_fn=snapshot_fn,
-                      on_snapshot=on_snapshot)
+                      on_snapshot=on_snapshot, critic=critic)
     trainer.run(resume=resume)
     return trainer
 

@@ -44,6 +44,12 @@ class TrainingOptions:
     fake_P_mean: float = -1.2
     fake_P_std: float = 1.2
     sigma_data: float = 0.5
+    # The data-free adversarial term (ikl.critic): a discriminator between teacher samples and generator samples.
+    adv_weight: float = 0.0         # Factor on the generator's softplus(-D(x0)) (0: no critic, the official method).
+    adv_lr: float = 2e-4            # The critic's Adam learning rate...
+    adv_betas: tuple = (0.0, 0.99)  # ...and betas (StyleGAN2's).
+    adv_r1_gamma: float = 0.01      # R1 weight on the teacher samples.
+    adv_r1_interval: int = 4        # Lazy R1: every N critic steps, with gain N.
     # Optimisers.
     g_lr: float = 1e-5
     fake_lr: float = 1e-5
@@ -88,6 +94,7 @@ class TrainingOptions:
         opts = cls(**values)
         opts.betas = tuple(opts.betas)
         opts.g_betas = tuple(opts.g_betas)
+        opts.adv_betas = tuple(opts.adv_betas)
         return opts
 
     def to_dict(self) -> dnnlib.EasyDict:
@@ -102,6 +109,8 @@ class TrainingOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
+        if self.adv_weight < 0 or self.adv_r1_gamma < 0 or self.adv_r1_interval < 1:
+            raise ValueError('training options: adv_weight >= 0, adv_r1_gamma >= 0 and adv_r1_interval >= 1 are required')
         if (self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0
                 or min(self.fake_warmup_kimg, self.lr_warmup_kimg, self.lr_rampdown_kimg) < 0):
             raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg, '

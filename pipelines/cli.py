@@ -90,6 +90,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         fake_warmup_kimg=c.get('fake_warmup', 0), fake_P_mean=c.p_mean, fake_P_std=c.p_std,
         g_lr=c.glr, fake_lr=c.lr, g_betas=(c.get('g_beta1', 0.0), 0.999), max_skipped_in_row=c.get('max_skipped', 50), lr_warmup_kimg=c.warmup, lr_rampdown_kimg=c.get('rampdown', 0), ema_halflife_kimg=c.ema,
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
+        adv_weight=c.get('adv', 0.0), adv_lr=c.get('adv_lr', 2e-4), adv_r1_gamma=c.get('adv_r1', 0.01),
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))
 
@@ -210,10 +211,11 @@ def keep_best(run_dir: str, snapshot_path: str, results: dict) -> None:
 
 def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: Optional[str], adapter, teacher: torch.nn.Module,
           fake_score: Optional[torch.nn.Module], device: torch.device, snapshot_fn: Callable = default_snapshot,
-          to_generator: Callable = lambda ema: ema, description: str = '') -> None:
+          to_generator: Callable = lambda ema: ema, description: str = '', critic=None) -> None:
     """Create the run directory (new runs), save the options, tee the output to log.txt, and train.
 
-    `to_generator(ema)` is what the metrics measure: the EMA adapter seen at the generator's own resolution."""
+    `to_generator(ema)` is what the metrics measure: the EMA adapter seen at the generator's own resolution.
+    `critic`: the engine's `ikl.TeacherSampleCritic` for `--adv` (refine.py)."""
     if not resume and dist.get_rank() == 0:
         try:
             dnnlib.util.make_run_dir(run_dir)
@@ -227,7 +229,7 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: Optional[str], 
         on_snapshot = metrics_hook(c, teacher, to_generator, run_dir, device) if dist.get_rank() == 0 else None
         try:
             trainer = train(adapter, teacher, fake_score, training_options(c), run_dir, device=device,
-                            snapshot_fn=snapshot_fn, resume=resume, on_snapshot=on_snapshot)
+                            snapshot_fn=snapshot_fn, resume=resume, on_snapshot=on_snapshot, critic=critic)
         except KeyboardInterrupt as err:
             dist.print0(f'Interrupted: {err}')
             sys.exit(130)

@@ -1,0 +1,79 @@
+"""What refine.py's data-free adversarial term (`--adv`, `ikl.critic`) needs: the GAN's discriminator as a critic,
+and a fixed bank of teacher samples as its "real" side.
+
+Sampling a teacher costs tens of network evaluations per image, so a bank is drawn once and cached on disk under
+the teacher file's content hash and the sampler settings; every run with the same teacher reuses it. Classes
+are balanced (sample i has class i mod label_dim), and each batch has its own seed, so the bank is a function of
+(teacher, num, num_steps, seed) alone.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import tqdm
+
+import dnnlib
+from metrics.detectors import file_identity
+from teachers.load import resolve as resolve_teacher
+from teachers.sampling import edm_sampler
+from training.run import atomic_write, counter_seed
+
+from .generators import resize_images
+
+
+class DiscriminatorCritic(torch.nn.Module):
+    """A StyleGAN2 discriminator seen by `ikl.TeacherSampleCritic`: images at the teacher's resolution are resized
+    to D's, labels are dropped for an unconditional D, and fp16 layers run in fp32 off CUDA."""
+
+    def __init__(self, D: torch.nn.Module):
+        super().__init__()
+        self.D = D
+
+    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        img = resize_images(img, self.D.img_resolution)
+        if self.D.c_dim == 0:
+            labels = torch.zeros([img.shape[0], 0], device=img.device)
+        return self.D(img, labels, force_fp32=(img.device.type != 'cuda'))
+
+
+def bank_cache_path(teacher_path: str, num: int, num_steps: int, seed: int) -> str:
+    local = dnnlib.util.open_url(resolve_teacher(teacher_path), return_filename=True)
+    name = f'{file_identity(local)[:20]}-n{num}-heun{num_steps}-seed{seed}.pt'
+    return dnnlib.make_cache_dir_path('teacher-banks', name)
+
+
+@torch.no_grad()
+def draw_bank(teacher: torch.nn.Module, num: int, num_steps: int = 18, seed: int = 0, batch_size: int = 64,
+              progress: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`num` teacher samples (float16, [-1, 1] nominal) and their one-hot labels (None if unconditional)."""
+    device = next(teacher.parameters()).device
+    shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+    images, labels = [], []
+    starts = range(0, num, batch_size)
+    for i, start in enumerate(tqdm.tqdm(starts, desc='teacher bank', unit='batch', disable=not progress)):
+        n = min(batch_size, num - start)
+        gen = torch.Generator(device=device).manual_seed(counter_seed(seed, i, 0, 0))
+        latents = torch.randn([n, *shape], generator=gen, device=device)
+        onehot = None
+        if teacher.label_dim:
+            classes = torch.arange(start, start + n, device=device) % teacher.label_dim
+            onehot = torch.nn.functional.one_hot(classes, teacher.label_dim).to(torch.float32)
+            labels.append(onehot.cpu())
+        randn_like = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        x = edm_sampler(teacher, latents, onehot, randn_like=randn_like, num_steps=num_steps)
+        images.append(x.to(torch.float16).cpu())
+    return torch.cat(images), (torch.cat(labels) if labels else None)
+
+
+def teacher_bank(teacher_path: str, teacher: torch.nn.Module, num: int, num_steps: int = 18, seed: int = 0,
+                 batch_size: int = 64, progress: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The cached bank of `teacher` (loaded from `teacher_path`), drawn and written on first use."""
+    path = bank_cache_path(teacher_path, num, num_steps, seed)
+    if os.path.isfile(path):
+        saved = torch.load(path, weights_only=True)
+        return saved['images'], saved['labels']
+    images, labels = draw_bank(teacher, num, num_steps, seed, batch_size, progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(dict(images=images, labels=labels), f))
+    return images, labels

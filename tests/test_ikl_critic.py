@@ -1,0 +1,192 @@
+"""The data-free adversarial term (ikl.critic): its losses against closed forms, the engine with a critic
+(exact resume), and refine.py's --adv end to end (the pickle's D trained on a cached bank of teacher samples)."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ikl
+import refine
+from pipelines.critic import bank_cache_path, teacher_bank
+from stylegan2.pickles import load_network_pkl, save_network_pkl
+from teachers.analytic import ring8
+from test_ikl_engine import OPTS, _networks
+from test_refine_distill import FAST, invoke, last_snapshot, only_run_dir, tiny_G, write_generator, write_teacher
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('nets')
+    return dict(teacher8=write_teacher(d / 't8.pkl'), teacher8_cond=write_teacher(d / 't8c.pkl', label_dim=3),
+                g16_cond=write_generator(d / 'g16c.pkl', c_dim=3))
+
+
+class LinearCritic(torch.nn.Module):
+    """logits = w . x + b: its loss gradients have closed forms."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, 1)
+
+    def forward(self, x, labels):
+        return self.lin(x.flatten(1))
+
+
+class RecordingTrainer:
+    """What TeacherSampleCritic.step asks of the engine, recording the gradients handed to the update."""
+
+    rounds = 1
+
+    def __init__(self, seed: int = 7):
+        self.seed = seed
+        self.grads = None
+
+    def rng(self, purpose, round_idx):
+        return torch.Generator().manual_seed(self.seed)
+
+    def lr_factor(self):
+        return 1.0
+
+    def update(self, params, optimizer, scaler, lr, name):
+        self.grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return True
+
+
+def _opts(**overrides):
+    return ikl.TrainingOptions.from_dict(dict(dict(batch=6, adv_weight=0.5, adv_r1_gamma=0.3, adv_r1_interval=4), **overrides))
+
+
+def test_generator_loss_is_weighted_softplus_and_reaches_x0_only():
+    torch.manual_seed(0)
+    net = LinearCritic(4)
+    critic = ikl.TeacherSampleCritic(net, torch.randn(10, 1, 2, 2), None, _opts())
+    x0 = torch.randn(6, 1, 2, 2, requires_grad=True)
+    loss = critic.generator_loss(x0, None)
+    logits = x0.flatten(1) @ net.lin.weight.T.detach() + net.lin.bias.detach()
+    assert torch.allclose(loss, 0.5 * F.softplus(-logits.reshape(-1)))
+    loss.sum().backward()
+    assert net.lin.weight.grad is None and net.lin.bias.grad is None
+    want = -0.5 * torch.sigmoid(-logits) * net.lin.weight.detach()  # d/dx softplus(-w.x - b) = -sigmoid(-l) w
+    assert torch.allclose(x0.grad.flatten(1), want, atol=1e-6)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize('r1_due', [True, False])
+def test_critic_step_gradient_matches_the_closed_form(r1_due):
+    torch.manual_seed(1)
+    net = LinearCritic(4)
+    bank = torch.randn(10, 1, 2, 2)
+    critic = ikl.TeacherSampleCritic(net, bank, None, _opts())
+    critic.steps = 0 if r1_due else 1  # R1 every 4th step, from the first.
+    fake = torch.randn(6, 1, 2, 2)
+    trainer = RecordingTrainer()
+    critic.step(trainer, lambda r: (fake, None))
+    idx = torch.randint(10, [6], generator=torch.Generator().manual_seed(trainer.seed))
+    real = bank[idx].flatten(1)
+    w, b = net.lin.weight.detach().reshape(-1), net.lin.bias.detach()
+    lf, lr = fake.flatten(1) @ w + b, real @ w + b
+    # Mean over the batch of softplus(l_f) + softplus(-l_r), plus R1 = |dl/dx|^2 = |w|^2 times gamma / 2 * interval.
+    grad_w = (torch.sigmoid(lf)[:, None] * fake.flatten(1) - torch.sigmoid(-lr)[:, None] * real).mean(0)
+    grad_b = (torch.sigmoid(lf) - torch.sigmoid(-lr)).mean()
+    if r1_due:
+        grad_w = grad_w + 0.3 * 4 * w
+    got_w, got_b = trainer.grads
+    assert torch.allclose(got_w.reshape(-1), grad_w, atol=1e-6)
+    assert torch.allclose(got_b.reshape(-1), grad_b.reshape(-1), atol=1e-6)
+    assert critic.steps == (1 if r1_due else 2)
+
+
+def test_critic_and_adv_weight_must_agree(tmp_path):
+    adapter, teacher, fake = _networks()
+    critic = ikl.TeacherSampleCritic(torch.nn.Sequential(torch.nn.Linear(2, 1)), torch.randn(8, 2), None,
+                                     ikl.TrainingOptions.from_dict(dict(OPTS, adv_weight=1.0)))
+    with pytest.raises(ValueError, match='adv_weight=1 needs a critic'):
+        ikl.Trainer(adapter, teacher, fake, dict(OPTS, adv_weight=1.0), str(tmp_path))
+    with pytest.raises(ValueError, match='adv_weight=0 needs a critic'):
+        ikl.Trainer(adapter, teacher, fake, OPTS, str(tmp_path), critic=critic)
+    with pytest.raises(ValueError, match='non-empty'):
+        ikl.TeacherSampleCritic(torch.nn.Linear(2, 1), torch.zeros(0, 2), None, critic.opts)
+
+
+class MLPCritic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1))
+
+    def forward(self, x, labels):
+        return self.net(x)
+
+
+def test_engine_with_critic_resumes_exactly(tmp_path):
+    opts = dict(OPTS, adv_weight=1.0, adv_lr=1e-3, fake_warmup_kimg=0.064)
+    bank = ring8().sample(64, torch.Generator().manual_seed(0))  # The teacher's exact samples.
+
+    def build(seed):
+        adapter, teacher, fake = _networks()
+        torch.manual_seed(seed)
+        return adapter, teacher, fake, ikl.TeacherSampleCritic(MLPCritic(), bank, None, ikl.TrainingOptions.from_dict(opts))
+
+    adapter, teacher, fake, critic = build(0)
+    initial = copy.deepcopy(critic.net.state_dict())
+    reference = ikl.train(adapter, teacher, fake, opts, str(tmp_path / 'a'), critic=critic)
+    stopped_opts = dict(opts, total_kimg=0.192)
+    adapter, teacher, fake, critic = build(0)
+    ikl.train(adapter, teacher, fake, stopped_opts, str(tmp_path / 'b'), critic=critic)
+    adapter, teacher, fake, critic = build(5)  # A fresh process: other initial weights, restored by the state.
+    resumed = ikl.train(adapter, teacher, fake, opts, str(tmp_path / 'b'), critic=critic, resume='auto')
+    assert resumed.cur_nimg == reference.cur_nimg == 320
+    for (name, want), got in zip(reference.critic.net.state_dict().items(), resumed.critic.net.state_dict().values()):
+        assert torch.equal(want, got), name
+    for want, got in zip(reference.adapter.parameters(), resumed.adapter.parameters()):
+        assert torch.equal(want, got)
+    assert resumed.critic.steps == reference.critic.steps == 10  # Every iteration, warm-up included.
+    assert not torch.equal(initial['net.0.weight'], reference.critic.net.state_dict()['net.0.weight'])
+
+
+def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, files, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    args = ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'], '--adv', '0.5', '--adv-bank', '8',
+            '--seed', '3'] + FAST
+    result = invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016'])
+    assert result.exit_code == 0, result.output
+    path = bank_cache_path(files['teacher8_cond'], 8, 18, 0)
+    saved = torch.load(path, weights_only=True)
+    assert saved['images'].shape == (8, 1, 8, 8) and saved['labels'].argmax(1).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    images, _ = teacher_bank(files['teacher8_cond'], None, 8)  # Cached: no teacher needed the second time.
+    assert torch.equal(images, saved['images'])
+
+    run_a = only_run_dir(str(tmp_path / 'a'))
+    before, after = load_network_pkl(files['g16_cond']), load_network_pkl(last_snapshot(run_a))
+    assert any(not torch.equal(p, q) for p, q in zip(before['D'].parameters(), after['D'].parameters()))
+    assert 'Loss/critic_D' in open(os.path.join(run_a, 'stats.jsonl')).read()
+
+    # Stopped half-way and resumed: the same G, G_ema and D.
+    assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'b'), '--kimg', '0.008']).exit_code == 0
+    run_b = only_run_dir(str(tmp_path / 'b'))
+    options_path = os.path.join(run_b, 'training_options.json')
+    options = json.load(open(options_path))
+    options['kimg'] = 0.016
+    json.dump(options, open(options_path, 'w'))
+    result = invoke(refine.main, ['--resume', run_b])
+    assert result.exit_code == 0, result.output
+    b = load_network_pkl(last_snapshot(run_b))
+    for key in ('G', 'G_ema', 'D'):
+        for pa, pb in zip(after[key].parameters(), b[key].parameters()):
+            assert torch.equal(pa, pb), key
+
+
+def test_refine_adv_errors_are_one_line(tmp_path, files):
+    result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8'], '--adv', '1',
+                                  '--outdir', str(tmp_path)] + FAST)
+    assert result.exit_code != 0
+    assert 'the discriminator of' in result.output and 'has 3 classes but the teacher sees 0' in result.output
+    no_d = str(tmp_path / 'g-only.pkl')
+    save_network_pkl(no_d, G=tiny_G(), G_ema=tiny_G())
+    result = invoke(refine.main, ['--network', no_d, '--teacher', files['teacher8'], '--adv', '1', '--outdir', str(tmp_path)] + FAST)
+    assert result.exit_code != 0 and 'holds no discriminator D' in result.output
