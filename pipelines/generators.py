@@ -6,6 +6,8 @@ core never imports `stylegan2/`. Scripts (`refine.py`, `distill.py`, `generate.p
 """
 
 import copy
+import hashlib
+import os
 from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
@@ -15,6 +17,8 @@ import ikl
 from metrics.detectors import file_identity
 from metrics.references import GeneratorReference
 from stylegan2 import pickles
+from teachers import diffusers_load
+from teachers.load import load as load_teacher
 from teachers.load import resolve as resolve_teacher
 from teachers.load import teacher_from_pickle_data
 from teachers.sampling import edm_sampler
@@ -154,13 +158,17 @@ class LoadedNetwork(NamedTuple):
 
 def load_network(path_or_url: str, kinds: Tuple[str, ...] = PICKLE_KINDS, device: Any = 'cpu') -> LoadedNetwork:
     """The one reader of generator pickles for every script: the network in eval mode, without gradients, on
-    `device`. Raises NetworkPickleError (one line) for unusable files and for a kind not in `kinds`."""
-    data = pickles.read_pickle(path_or_url)
-    kind = pickle_kind(data)
+    `device`. Raises NetworkPickleError (one line) for unusable files and for a kind not in `kinds`.
+    Where 'diffusion' is wanted, a diffusers folder or cached Hub id is one too (its data an empty dict)."""
+    diffusers_model = 'diffusion' in kinds and diffusers_load.is_diffusers_source(path_or_url)
+    data = {} if diffusers_model else pickles.read_pickle(path_or_url)
+    kind = 'diffusion' if diffusers_model else pickle_kind(data)
     if kind not in kinds:
         wanted = ' or '.join(kinds)
         raise pickles.NetworkPickleError(f'{path_or_url}: this is a {kind} pickle; expected {wanted}')
-    if kind == 'stylegan2':
+    if diffusers_model:
+        net = load_teacher(path_or_url)
+    elif kind == 'stylegan2':
         data = pickles.interpret_network_pkl(data, str(path_or_url))
         net = data.get('G_ema') if data.get('G_ema') is not None else data.get('G')
         if net is None:
@@ -198,6 +206,15 @@ def sample_reference(path_or_url: str, adapter: ikl.GeneratorAdapter, num: int, 
     """Reference statistics from samples of a network file (e.g. the teacher: "FID to teacher", data-free), cached
     under one key, the file's content hash and the sampler settings, whichever script asks (refine.py, distill.py,
     calc_metrics.py share the cache)."""
-    local = dnnlib.util.open_url(resolve_teacher(path_or_url), return_filename=True)
-    key = f'{file_identity(local)}:{getattr(adapter, "sampler_kwargs", None)!r}'
+    key = f'{network_identity(path_or_url)}:{getattr(adapter, "sampler_kwargs", None)!r}'
     return GeneratorReference(adapter, num=num, batch_size=batch_size, cache_key=key)
+
+
+def network_identity(path_or_url: str) -> str:
+    """The content hash of a network file, or of a diffusers model's files (by name within their folders)."""
+    if not diffusers_load.is_diffusers_source(path_or_url):
+        return file_identity(dnnlib.util.open_url(resolve_teacher(path_or_url), return_filename=True))
+    digest = hashlib.sha1()
+    for path in diffusers_load.model_files(path_or_url):
+        digest.update(f'{os.path.basename(path)}:{file_identity(path)}\n'.encode())
+    return digest.hexdigest()
