@@ -14,12 +14,10 @@ import torch
 import tqdm
 
 import dnnlib
-from metrics.detectors import file_identity
-from teachers.load import resolve as resolve_teacher
 from teachers.sampling import edm_sampler
 from training.run import atomic_write, counter_seed
 
-from .generators import resize_images
+from .generators import network_identity, resize_images
 
 
 class DiscriminatorCritic(torch.nn.Module):
@@ -38,8 +36,7 @@ class DiscriminatorCritic(torch.nn.Module):
 
 
 def bank_cache_path(teacher_path: str, num: int, num_steps: int, seed: int) -> str:
-    local = dnnlib.util.open_url(resolve_teacher(teacher_path), return_filename=True)
-    name = f'{file_identity(local)[:20]}-n{num}-heun{num_steps}-seed{seed}.pt'
+    name = f'{network_identity(teacher_path)[:20]}-n{num}-heun{num_steps}-seed{seed}.pt'
     return dnnlib.make_cache_dir_path('teacher-banks', name)
 
 
@@ -73,6 +70,7 @@ def teacher_bank(teacher_path: str, teacher: torch.nn.Module, num: int, num_step
     if os.path.isfile(path):
         saved = torch.load(path, weights_only=True)
         return saved['images'], saved['labels']
+    print(f'Drawing {num} teacher samples for the adversarial term (once; cached at {path})', flush=True)
     images, labels = draw_bank(teacher, num, num_steps, seed, batch_size, progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: torch.save(dict(images=images, labels=labels), f))
