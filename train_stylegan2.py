@@ -21,6 +21,7 @@ from stylegan2 import networks
 from stylegan2.loss import StyleGAN2Loss
 from stylegan2.pickles import NetworkPickleError, load_network_pkl, save_network_pkl
 from torch_utils.images import save_image_grid
+from torch_utils import misc
 from torch_utils.misc import EpochSampler
 from training.run import (Run, atomic_write, counter_generator, ema_beta, kimg_label, latest_training_state,
                           load_options, new_run_dir, save_options, update_ema)
@@ -46,7 +47,7 @@ def build_networks(c: dnnlib.EasyDict, resolution: int, channels: int, c_dim: in
 def phase_optimizer(module: torch.nn.Module, lr: float, reg_interval: int) -> torch.optim.Adam:
     """Adam with upstream's lazy-regularisation correction: lr and betas rescaled by I/(I+1)."""
     ratio = reg_interval / (reg_interval + 1)
-    return torch.optim.Adam(module.parameters(), lr=lr * ratio, betas=(0 ** ratio, 0.99 ** ratio), eps=1e-8)
+    return misc.make_adam(module.parameters(), lr=lr * ratio, betas=(0 ** ratio, 0.99 ** ratio), eps=1e-8)
 
 
 def init_weights(path: str, modules: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from torch_utils import misc
 from torch_utils import training_stats
 
 from .updates import LossScaler
@@ -45,7 +46,7 @@ class TeacherSampleCritic:
         self.params = [p for p in net.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f'critic {type(net).__name__}: no trainable parameters')
-        self.opt = torch.optim.Adam(self.params, lr=opts.adv_lr, betas=tuple(opts.adv_betas), eps=opts.adam_eps)
+        self.opt = misc.make_adam(self.params, lr=opts.adv_lr, betas=tuple(opts.adv_betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
         self.steps = 0
 

@@ -17,6 +17,7 @@ detached from x0 and run without autograd (IKL, SDS) or with autograd through th
 """
 
 import contextlib
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,10 +35,33 @@ def has_native_precision(module: torch.nn.Module) -> bool:
     return any(hasattr(m, 'use_fp16') for m in module.modules())
 
 
+def supports_autocast(module: torch.nn.Module) -> bool:
+    """Whether every native-precision part of `module` follows an enabled autocast (our EDM preconditioners and
+    StyleGAN2 synthesis blocks say so with a `supports_autocast` class attribute; upstream's source has none)."""
+    return all(getattr(m, 'supports_autocast', False) for m in module.modules() if hasattr(m, 'use_fp16'))
+
+
+_warned_fp32 = set()
+
+
 def autocast(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast `module`'s forward to `dtype` (a no-op for None, i.e. float32, and for networks with native fp16)."""
-    if dtype is None or has_native_precision(module):
+    """Autocast `module`'s forward to `dtype`; a no-op for None (float32).
+
+    Networks with native fp16 (`use_fp16`) keep their own switch for float16. For bfloat16 they run under
+    autocast when they support it, and otherwise (e.g. an upstream pickle not rebuilt as ours) in float32, with
+    a warning once per class."""
+    if dtype is None:
         return contextlib.nullcontext()
+    if has_native_precision(module):
+        if dtype != torch.bfloat16:
+            return contextlib.nullcontext()
+        if not supports_autocast(module):
+            name = type(module).__name__
+            if name not in _warned_fp32:
+                _warned_fp32.add(name)
+                warnings.warn(f'{name}: its network code does not support autocast; it runs in float32, not bfloat16 '
+                              f'(rebuild it as ours, e.g. teachers.load(..., rebuild=True))')
+            return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

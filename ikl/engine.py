@@ -39,6 +39,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 
 from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils import training_stats
 from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, latest_training_state, update_ema
 
@@ -105,7 +106,7 @@ class Trainer:
         self.g_params = [p for p in self.adapter.parameters() if p.requires_grad]
         if not self.g_params:
             raise ValueError('generator adapter: no trainable parameters (all have requires_grad=False)')
-        self.g_opt = torch.optim.Adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=self.opts.adam_eps)
+        self.g_opt = misc.make_adam(self.g_params, lr=self.opts.g_lr, betas=tuple(self.opts.g_betas), eps=self.opts.adam_eps)
         self.g_scaler = LossScaler(self.opts.precision == 'fp16', self.opts.loss_scale_init, self.opts.loss_scale_growth_interval)
 
         self.iteration = 0

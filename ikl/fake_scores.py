@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from torch_utils import misc
 from torch_utils import training_stats
 
 from .divergences import dsm_from_forward, edm_dsm_loss
@@ -59,7 +60,7 @@ class FittedFakeScore(FakeScore):
         if not self.params:
             raise ValueError(f'fake score {type(net).__name__}: nothing to fit (no trainable parameters); a denoiser '
                              'that is shown the samples goes in ikl.ObservingFakeScore')
-        self.opt = torch.optim.Adam(self.params, lr=opts.fake_lr, betas=tuple(opts.betas), eps=opts.adam_eps)
+        self.opt = misc.make_adam(self.params, lr=opts.fake_lr, betas=tuple(opts.betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
 
     def loss_weight(self) -> float:

@@ -7,7 +7,8 @@ numpy, torch and the `torch_utils` symbols that upstream's `torch_utils` also ha
 as Python floats (a numpy scalar pickled under numpy 2 does not load under numpy 1).
 
 Precision: blocks built with `use_fp16` run in float16 only off the CPU and without `force_fp32`; on the CPU
-they run in float32 (upstream would run them in slow, inexact CPU half precision).
+they run in float32 (upstream would run them in slow, inexact CPU half precision). While autocast is enabled on
+the device, synthesis blocks compute in its dtype (bfloat16 with `--precision=bf16`); w and the images stay float32.
 """
 
 import numpy as np
@@ -33,6 +34,15 @@ def block_dtype(use_fp16, force_fp32, device):
     if use_fp16 and not force_fp32 and device.type != 'cpu':
         return torch.float16
     return torch.float32
+
+
+def amp_dtype(device):
+    """The dtype autocast computes in on `device` while it is enabled there, else None (also on a torch older than
+    2.4, whose autocast queries take no device type)."""
+    try:
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    except (AttributeError, TypeError, RuntimeError):
+        return None
 
 
 def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, resample_filter=None,
@@ -198,6 +208,7 @@ class MappingNetwork(torch.nn.Module):
 
         for idx in range(self.num_layers):
             x = getattr(self, f'fc{idx}')(x)
+        x = x.to(torch.float32)  # A no-op but under autocast, where the layers return its dtype.
 
         tracks_w_avg = self.w_avg_beta is not None and 'w_avg' in self._buffers
         if tracks_w_avg and self.training and not skip_w_avg_update:
@@ -286,6 +297,8 @@ class ToRGBLayer(torch.nn.Module):
 class SynthesisBlock(torch.nn.Module):
     """One resolution of the synthesis network: (const or 2x upsampling conv) + conv, and its image output."""
 
+    supports_autocast = True  # Read by ikl.divergences.autocast; blocks from upstream's source lack it.
+
     def __init__(self, in_channels, out_channels, w_dim, resolution, img_channels, is_last, architecture='skip',
                  resample_filter=[1, 3, 3, 1], conv_clamp=None, use_fp16=False, fp16_channels_last=False,
                  **layer_kwargs):
@@ -324,7 +337,7 @@ class SynthesisBlock(torch.nn.Module):
     def forward(self, x, img, ws, force_fp32=False, fused_modconv=None, **layer_kwargs):
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
         w_iter = iter(ws.unbind(dim=1))
-        dtype = block_dtype(self.use_fp16, force_fp32, ws.device)
+        dtype = amp_dtype(ws.device) or block_dtype(self.use_fp16, force_fp32, ws.device)
         channels_last = self.channels_last and dtype == torch.float16
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if fused_modconv is None:

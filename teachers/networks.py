@@ -113,10 +113,39 @@ class GroupNorm(torch.nn.Module):
 
 
 def attention_weights(q, k):
-    """Softmax attention weights [B, Tq, Tk] from q, k [B, c, T]; logits and softmax in float32 for fp16 safety."""
+    """Softmax attention weights [B, Tq, Tk] from q, k [B, c, T]; logits and softmax in float32 for fp16 safety.
+    Only `attend` on a torch without scaled_dot_product_attention uses it (kept for such readers of our pickles)."""
     k = k / np.sqrt(k.shape[1])
     logits = torch.einsum('bcq,bck->bqk', q.to(torch.float32), k.to(torch.float32))
     return logits.softmax(dim=2).to(q.dtype)
+
+
+def attend(q, k, v):
+    """Single-head softmax attention on channel-major tensors q, k, v [B, c, T]; returns [B, c, Tq] in q's dtype.
+
+    `out[b, :, i] = sum_j softmax_j(q[b, :, i] . k[b, :, j] / sqrt(c)) v[b, :, j]`. torch's fused
+    scaled_dot_product_attention does it on [B, T, c] views without materialising the weights in the caller.
+    Precision: for float16/bfloat16 inputs every backend keeps the logits' accumulation and the softmax in float32
+    (the CPU flash kernel and the GPU flash/memory-efficient kernels accumulate in float32; the math fallback
+    upcasts reduced-precision inputs unless `torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)` was
+    called), so half inputs are as safe as with the explicit float32 softmax; only the output is rounded to the
+    input dtype. Under autocast SDPA runs in the autocast dtype with the same float32 internals. A torch older than
+    2.0 (no SDPA) takes the explicit path: float32 weights, then the weighted sum in the input dtype.
+    """
+    sdpa = getattr(torch.nn.functional, 'scaled_dot_product_attention', None)
+    if sdpa is None:
+        return torch.einsum('bqk,bck->bcq', attention_weights(q, k), v)
+    v = v.to(q.dtype)  # Equal already, except for a caller that mixes dtypes.
+    return sdpa(q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def amp_dtype(device):
+    """The dtype autocast computes in on `device` while it is enabled there, else None (also on a torch older than
+    2.4, whose autocast queries take no device type: our networks then keep their own dtype policy)."""
+    try:
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    except (AttributeError, TypeError, RuntimeError):
+        return None
 
 # ----------------------------------------------------------------------------------------------------------------
 # U-Net block and noise embeddings.
@@ -177,8 +206,7 @@ class UNetBlock(torch.nn.Module):
             # qkv channels are interleaved per channel: channel (head * c + j) * 3 + {0: q, 1: k, 2: v}.
             n, ch = x.shape[0], x.shape[1]
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, ch // self.num_heads, 3, -1).unbind(2)
-            w = attention_weights(q, k)
-            a = torch.einsum('bqk,bck->bcq', w, v)
+            a = attend(q, k, v)
             x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
         return x
@@ -418,7 +446,12 @@ class DhariwalUNet(torch.nn.Module):
 
 
 class _Precond(torch.nn.Module):
-    """What the four preconditioners share: the wrapped U-Net, the dtype policy and the forward pass."""
+    """What the four preconditioners share: the wrapped U-Net, the dtype policy and the forward pass.
+
+    Dtype policy: float16 for `use_fp16` on CUDA unless `force_fp32`, float32 otherwise; while autocast is enabled
+    on the input's device, the autocast dtype (e.g. bfloat16 on the CPU). Inputs and outputs stay float32."""
+
+    supports_autocast = True  # Read by ikl.divergences.autocast; networks from upstream's source lack it.
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_out_channels, model_kwargs):
         super().__init__()
@@ -443,6 +476,7 @@ class _Precond(torch.nn.Module):
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+        dtype = amp_dtype(x.device) or dtype  # Under autocast the U-Net computes (and returns) in its dtype.
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import EpochSampler
@@ -99,6 +100,8 @@ def training_loop(
     net.train().requires_grad_(True).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    if optimizer_kwargs.get('class_name') == 'torch.optim.Adam' and not {'foreach', 'fused'} & set(optimizer_kwargs):
+        optimizer_kwargs = dict(optimizer_kwargs, **misc.adam_kernel_kwargs(net.parameters()))
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     base_lrs = [group['lr'] for group in optimizer.param_groups]
     run.log(f'Network {type(net).__name__}({network_kwargs.get("model_type")}): '

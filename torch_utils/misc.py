@@ -280,3 +280,25 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
         print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
     print()
     return outputs
+
+#----------------------------------------------------------------------------------------------------------------
+# Optimizers.
+
+
+def adam_kernel_kwargs(params: Sequence[torch.Tensor]) -> Dict[str, bool]:
+    """The fastest Adam implementation torch offers for `params`: `fused=True` when they all live on CUDA,
+    `foreach=True` (multi-tensor kernels) otherwise. Both are the same update as the per-parameter loop up to
+    float rounding. Not for our own use in embedded network code (upstream's `torch_utils` lacks it)."""
+    params = list(params)
+    if params and all(p.is_cuda for p in params):
+        return dict(fused=True)
+    return dict(foreach=True)
+
+
+def make_adam(params, **kwargs) -> torch.optim.Adam:
+    """`torch.optim.Adam(params, **kwargs)` with `adam_kernel_kwargs` unless kwargs choose `foreach`/`fused`."""
+    params = list(params)
+    if 'foreach' not in kwargs and 'fused' not in kwargs:
+        tensors = [p for group in params for p in group['params']] if params and isinstance(params[0], dict) else params
+        kwargs.update(adam_kernel_kwargs(tensors))
+    return torch.optim.Adam(params, **kwargs)
