@@ -509,3 +509,95 @@ def test_the_core_imports_without_diffusers(folders):
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"ERROR {folders['pipeline']}: a diffusers model needs the optional diffusers"), result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scripts end to end (in-process CLI), with a diffusers teacher folder.
+
+
+def run_cli(command, args):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture()
+def isolated_cache(tmp_path):
+    import dnnlib
+    dnnlib.util.set_cache_dir(str(tmp_path / 'cache'))
+    yield tmp_path / 'cache'
+    dnnlib.util.set_cache_dir(None)
+
+
+def test_refine_a_stylegan2_pickle_with_a_diffusers_teacher_then_resume(folders, tmp_path, isolated_cache):
+    import refine
+    from stylegan2.pickles import load_network_pkl
+    from test_refine_distill import FAST, last_snapshot, only_run_dir, write_generator
+    network = write_generator(tmp_path / 'g16.pkl')
+    outdir = str(tmp_path / 'runs')
+    result = run_cli(refine.main, ['--network', network, '--teacher', folders['pipeline'], '--outdir', outdir,
+                                   '--kimg', '0.008', '--adv', '0.5', '--adv-bank', '8', '--seed', '2'] + FAST)
+    run_dir = only_run_dir(outdir)
+    assert run_dir.endswith('-refine-g16-pipeline') and f'Done at 0.008 kimg: {run_dir}' in result.output
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert options['teacher'] == folders['pipeline'] and options['resolved']['teacher']['type'] == 'DiffusersTeacher'
+    refined, original = load_network_pkl(last_snapshot(run_dir)), load_network_pkl(network)
+    assert max(float((a - b).abs().max()) for a, b in zip(refined['G_ema'].parameters(),
+                                                          original['G_ema'].parameters())) > 0
+    assert os.listdir(isolated_cache / 'teacher-banks')  # --adv's teacher samples, keyed by the folder's content
+    options['kimg'] = 0.016
+    json.dump(options, open(os.path.join(run_dir, 'training_options.json'), 'w'))
+    result = run_cli(refine.main, ['--resume', run_dir])
+    assert 'Done at 0.016 kimg' in result.output
+
+
+def test_distill_a_diffusers_teacher_into_a_one_step_student_then_generate(folders, tmp_path):
+    import distill
+    import generate
+    from test_refine_distill import FAST, last_snapshot, only_run_dir
+    outdir = str(tmp_path / 'runs')
+    run_cli(distill.main, ['--teacher', folders['cond'], '--init-sigma', '2.5', '--outdir', outdir,
+                           '--kimg', '0.008'] + FAST)
+    snapshot = last_snapshot(only_run_dir(outdir))
+    with open(snapshot, 'rb') as f:
+        data = pickle.load(f)
+    student, teacher = data['ema'], teachers.load(folders['cond'])
+    assert isinstance(student, DiffusersTeacher) and data['init_sigma'] == 2.5 and student.label_dim == 3
+    assert max(float((a - b).abs().max()) for a, b in zip(student.parameters(), teacher.parameters())) > 0
+    gen_dir = str(tmp_path / 'gen')
+    run_cli(generate.main, ['--network', snapshot, '--seeds', '0-1', '--class', '2', '--outdir', gen_dir,
+                            '--device', 'cpu'])
+    assert sorted(os.listdir(gen_dir)) == ['seed0000.png', 'seed0001.png']
+
+
+def test_generate_samples_a_diffusers_teacher_folder(folders, tmp_path):
+    import generate
+    from PIL import Image
+    out = tmp_path / 'out'
+    run_cli(generate.main, ['--network', folders['rgb'], '--seeds', '0-2', '--steps', '4', '--outdir', str(out),
+                            '--device', 'cpu'])
+    assert sorted(os.listdir(out)) == ['seed0000.png', 'seed0001.png', 'seed0002.png']
+    assert Image.open(out / 'seed0000.png').size == (8, 8) and Image.open(out / 'seed0000.png').mode == 'RGB'
+    again = tmp_path / 'again'
+    run_cli(generate.main, ['--network', folders['rgb'], '--seeds', '1', '--steps', '4', '--outdir', str(again),
+                            '--device', 'cpu'])
+    assert (again / 'seed0001.png').read_bytes() == (out / 'seed0001.png').read_bytes()  # one stream per seed
+
+
+def test_calc_metrics_reference_sampled_from_a_diffusers_teacher(folders, tmp_path, isolated_cache):
+    import calc_metrics
+    from metrics.detectors import FMNIST_FORMAT
+    from metrics.fmnist_net import FashionFeatureNet
+    from test_refine_distill import write_generator
+    network = write_generator(tmp_path / 'g16.pkl')
+    torch.manual_seed(0)
+    detector = tmp_path / 'random-detector.pt'
+    torch.save(dict(state_dict=FashionFeatureNet().state_dict(), meta=dict(format=FMNIST_FORMAT)), detector)
+    args = [f'--network={network}', '--metrics=fid40', f'--ref-network={folders["pipeline"]}', '--ref-num=40',
+            '--quiet', f'--detector={detector}', '--batch=20', '--device=cpu']
+    first, second = (json.loads(run_cli(calc_metrics.main, args).output) for _ in range(2))
+    key = generators.network_identity(folders['pipeline'])
+    assert first['reference'].startswith(f'generator:{key}:') and first['results']['fd_random-detector40'] > 0
+    assert second['results'] == first['results']  # the second run reads the cached reference
+    assert any(isolated_cache.rglob('*'))
