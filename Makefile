@@ -1,4 +1,5 @@
-# `make test` and `make demo` work on a fresh machine: they create .venv, install, and run.
+# `make test` and `make demo` work on a fresh machine: they create .venv, install (with the optional diffusers
+# extra, so that the diffusers-teacher tests run), and run.
 #   PYTHON=python3.11        interpreter used to create the venv
 #   TORCH_SPEC='torch==X'    torch to install when the venv has none (default: the CPU build 2.13.0)
 #   USE_SYSTEM_TORCH=1       let the venv see the interpreter's own site-packages (bring your own torch/CUDA)
@@ -15,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,diffusers]'
 	touch $@
 
 test: venv
