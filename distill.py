@@ -99,7 +99,7 @@ Examples:
       --seeds=0-63 --grid --outdir=out
   # Continue a stopped run:
   python distill.py --resume=runs/00000-distill-fmnist-edm''')
-@click.option('--teacher', metavar='PKL|URL|NAME', help='EDM teacher pickle, URL or official short name (e.g. cifar10-uncond)')
+@click.option('--teacher', metavar='PKL|URL|NAME|DIR', help='EDM teacher pickle, URL or official short name (e.g. cifar10-uncond), or a diffusers folder / cached Hub id')
 @click.option('--student', type=click.Choice(['onestep', 'stylegan2']), default='onestep', show_default=True, help='Student network')
 @click.option('--init-sigma', type=FINITE_FLOAT, default=1.0, show_default=True, help='onestep: the noise level the student denoises')
 @click.option('--z-dim', type=click.IntRange(min=1), default=512, show_default=True, help='stylegan2: latent (and w) size')

@@ -140,7 +140,7 @@ Examples:
   # Several GPUs:
   torchrun --nproc_per_node=4 refine.py --network=... --teacher=... --batch=256''')
 @click.option('--network', metavar='PKL|URL', help='StyleGAN2 pickle to refine (upstream, ours, or TensorFlow)')
-@click.option('--teacher', metavar='PKL|URL|NAME', help='EDM teacher pickle, URL or official short name (e.g. cifar10-cond)')
+@click.option('--teacher', metavar='PKL|URL|NAME|DIR', help='EDM teacher pickle, URL or official short name (e.g. cifar10-cond), or a diffusers folder / cached Hub id')
 @click.option('--source-net', type=click.Choice(['G_ema', 'G']), default='G_ema', show_default=True, help='Which generator of the pickle to refine')
 @click.option('--train', type=click.Choice(['all', 'synthesis', 'mapping']), default='all', show_default=True, help='Which generator parameters train')
 @click.option('--train-noise-strength', type=bool, default=False, show_default=True, help='Also train the per-layer noise strengths (off: their IKL gradient is noise)')
