@@ -15,7 +15,7 @@ How `refine.py` and `distill.py` use it::
   `fixed`) and weighting (`denoiser`, `score`), normalisation, fake-score steps and lr, Adam betas, warm-up, EMA
   half-life and ramp-up, schedule (`reuse` | `official`), `fake_forward` (`shared`: the fake score's forward in the
   generator step also serves its DSM loss), `step_dropout` (upstream's dropout with equal masks in the generator
-  step), precision (`fp32`, `bf16`, `fp16` with dynamic loss scaling; NVlabs networks use their own `use_fp16`),
+  step), precision (`fp32`, `bf16`, `fp16` with dynamic loss scaling; for fp16 NVlabs networks use their own `use_fp16`),
   seed, tick/snapshot/image intervals. Defaults are the official Diff-Instruct settings.
 - Every iteration: one generator forward+backward, one teacher forward, one fake forward+backward (see
   `ikl.engine`'s docstring for the order and its effect); bad (NaN/Inf) steps are skipped and counted.

@@ -70,8 +70,9 @@ class TrainingOptions:
     step_dropout: bool = True       # Teacher and fake in train mode (dropout, same masks) in the generator step, as upstream;
                                     # off: both in eval mode (then a shared DSM forward is dropout-free too).
     precision: str = 'fp32'         # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling). Networks with their
-                                    # own `use_fp16` (EDM, StyleGAN2) skip autocast; for fp16 the teacher's, the fake's
+                                    # own `use_fp16` (EDM, StyleGAN2) skip autocast for fp16: the teacher's, the fake's
                                     # and the adapter's direct children's `use_fp16` is switched on (fp16 on CUDA only).
+                                    # bf16 autocasts ours too (`supports_autocast`); upstream-source ones warn, stay fp32.
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 1000
     seed: int = 0

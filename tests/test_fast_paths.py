@@ -91,6 +91,20 @@ def test_attend_half_inputs_keep_float32_softmax(dtype, tol):
     assert (out - einsum_attention(q, k, v)).abs().max() <= tol * 4 * v.abs().max()
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_attend_math_backend_half_inputs_stay_finite(dtype):
+    """The math fallback (what a GPU without flash/memory-efficient kernels gets) also upcasts half inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 64, 32, generator=gen) for _ in range(3))
+    q, k = (q * 60).to(dtype), (k * 60).to(dtype)
+    ref = einsum_attention(q.float(), k.float(), v.to(dtype).float())
+    with sdpa_kernel(SDPBackend.MATH):
+        out = edm.attend(q, k, v.to(dtype))
+    assert bool(torch.isfinite(out).all())
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 @pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
 def test_unet_with_sdpa_equals_the_einsum_path(monkeypatch, model_type):
     """The whole denoiser, forward and input gradient, with SDPA vs with the einsum reference patched in."""
