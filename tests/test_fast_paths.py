@@ -298,3 +298,18 @@ def test_engine_and_fake_score_use_multi_tensor_adam(tmp_path):
     trainer = ikl.Trainer(ikl.ModuleAdapter(MLPGenerator(2, 2, 32, 2), [2]), ring8(), MLPDenoiser(2, 32, 2, sigma_data=1.0),
                           dict(total_kimg=0.032, batch=16, progress=False, tensorboard=False, sigma_data=1.0), str(tmp_path))
     assert trainer.g_opt.defaults['foreach'] is True and trainer.fake.opt.defaults['foreach'] is True
+
+
+def test_refine_rebuilds_an_old_source_teacher_for_bf16():
+    """The shipped teacher pickle runs its own (older) embedded source, which ignores autocast: refine.py
+    --precision=bf16 rebuilds it as ours, with the same outputs in float32."""
+    import refine
+    import teachers
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'embedded', 'fmnist-edm.pkl')
+    if not os.path.exists(path):
+        pytest.skip('embedded/fmnist-edm.pkl not present')
+    old = teachers.load(path)
+    assert not divergences.supports_autocast(old)
+    new = refine.bf16_ready(old, torch.device('cpu'))
+    assert new is not old and divergences.supports_autocast(new) and new.training == old.training
+    assert refine.bf16_ready(new, torch.device('cpu')) is new
