@@ -191,3 +191,20 @@ def test_trust_code_lists_without_running_and_adds_in_one_step(tmp_path, monkeyp
         read_pickle(path)  # now trusted: loads under refusal
     finally:
         persistence.refuse_unknown_sources(False)
+
+
+def test_earlier_versions_of_our_modules_are_trusted_and_nothing_near_them():
+    """Pickles from an earlier toolkit version embed that version's module source: the shipped list trusts
+    exactly the committed versions (kept current with git history), not an edit of one of them."""
+    root = os.path.dirname(EMBEDDED)
+    check = subprocess.run([sys.executable, os.path.join(root, 'tools', 'released_sources.py'), '--check'],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    listed = [line.split() for line in open(os.path.join(root, 'torch_utils', 'released_sources.txt'))
+              if line.strip() and not line.startswith('#')]
+    digest, where = next((d, w) for d, w in listed if w.startswith('teachers/networks.py@'))
+    path, commit = where.split('@')
+    old = subprocess.run(['git', '-C', root, 'show', f'{commit}:{path}'], capture_output=True, check=True,
+                         text=True).stdout
+    assert persistence.source_sha256(old) == digest and persistence.is_source_trusted(old)
+    assert not persistence.is_source_trusted(old.replace('import torch', 'import torch, os', 1))

@@ -8,7 +8,8 @@ uses `torch_utils`/`dnnlib` names that both sides offer.
 
 Security: loading such a pickle runs the code inside it. Only load pickles you trust. To refuse any embedded
 source that is not on an allow-list, call `refuse_unknown_sources()` or set `TOOLKIT_REFUSE_UNKNOWN_CODE=1`;
-the sources of this toolkit's own modules are always trusted, others can be added by sha256 with
+the sources of this toolkit's own modules (as on disk, and every earlier committed version listed in
+`released_sources.txt`) are always trusted, others can be added by sha256 with
 `trust_source_hash()` or listed one per line in the trust file (`trusted_code_file()`; `trust_code.py --add`
 appends a pickle's hashes). Refusal also restricts the globals a pickle may name: see `torch_utils.pickle_reader`.
 """
@@ -202,11 +203,13 @@ def trust_source_hash(*sha256: str) -> None:
 
 
 def _own_source_hashes() -> Set[str]:
-    """Hashes of every Python file of this toolkit as it is on disk: our own code is always trusted."""
+    """Hashes of every Python file of this toolkit as it is on disk, and of every earlier committed version of our
+    persistent modules (released_sources.txt, so our older pickles keep loading): our own code is always trusted."""
     global _own_hashes
     if _own_hashes is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        _own_hashes = set()
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'released_sources.txt'), encoding='utf-8') as f:
+            _own_hashes = {line.split()[0] for line in f if line.strip() and not line.startswith('#')}
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith('.') and d not in ('tests', '__pycache__')]
             for name in filenames:
