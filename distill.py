@@ -71,6 +71,8 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_r
         teacher = teachers.load(c.teacher, device=device)
     except teachers.NetworkPickleError as err:
         raise SetupError(f'--teacher {err}') from None
+    if c.precision == 'bf16':
+        teacher = cli.bf16_ready(teacher, device)  # Before the one-step student copies it.
     if c.student == 'stylegan2' and teacher.img_resolution & (teacher.img_resolution - 1):
         raise SetupError(f'--student=stylegan2 needs a power-of-two resolution; the teacher has {teacher.img_resolution}')
     adapter, snapshot_fn = build_student(c, teacher)

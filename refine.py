@@ -63,16 +63,6 @@ def load_teacher(name: str, device: torch.device) -> torch.nn.Module:
         raise SetupError(f'--teacher {err}') from None
 
 
-def bf16_ready(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """For --precision=bf16: an EDM teacher whose pickled source predates autocast support (upstream's, or an older
-    version of ours) is rebuilt as our class, which computes in bf16 under autocast; anything else is kept."""
-    if ikl.divergences.supports_autocast(teacher):
-        return teacher
-    if type(teacher).__name__ not in ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond'):
-        return teacher
-    return teachers.rebuild_teacher(teacher).to(device).train(teacher.training)
-
-
 def refine_snapshot(original: dict):
     """Snapshot content: the upstream layout with the refined G and G_ema and the pickle's D (trained on against the
     teacher's samples with `--adv`, unchanged otherwise)."""
@@ -105,7 +95,7 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_r
         persistence.refuse_unknown_sources(True)
     teacher = load_teacher(c.teacher, device)  # First: it needs no compiled ops, so a bad --teacher fails fast.
     if c.precision == 'bf16':
-        teacher = bf16_ready(teacher, device)
+        teacher = cli.bf16_ready(teacher, device)
     original = load_generator_networks(c.network, c.source_net)
     G = original['G_source']
     if G.img_channels != teacher.img_channels:

@@ -18,10 +18,12 @@ import torch
 import dnnlib
 from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 from ikl import TrainingDiverged, default_snapshot, train
+from ikl.divergences import supports_autocast
 from ikl.options import TrainingOptions
 from metrics import MetricRunner
 from metrics.metric_main import append_jsonl
 from metrics.pixels import pixel_statistics
+from teachers import rebuild_teacher
 from torch_utils import distributed as dist
 from training.plots import is_distance, plot_run
 from training.run import atomic_write, kimg_label, latest_training_state, save_options
@@ -32,6 +34,16 @@ from .generators import TeacherSamplerAdapter, sample_reference
 
 class SetupError(click.ClickException):
     """A problem with the user's input, reported as one line."""
+
+
+def bf16_ready(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """For --precision=bf16: an EDM teacher whose pickled source predates autocast support (upstream's, or an older
+    version of ours) is rebuilt as our class, which computes in bf16 under autocast; anything else is kept."""
+    if supports_autocast(teacher):
+        return teacher
+    if type(teacher).__name__ not in ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond'):
+        return teacher
+    return rebuild_teacher(teacher).to(device).train(teacher.training)
 
 
 def engine_options(fn: Callable) -> Callable:

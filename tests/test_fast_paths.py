@@ -300,16 +300,18 @@ def test_engine_and_fake_score_use_multi_tensor_adam(tmp_path):
     assert trainer.g_opt.defaults['foreach'] is True and trainer.fake.opt.defaults['foreach'] is True
 
 
-def test_refine_rebuilds_an_old_source_teacher_for_bf16():
-    """The shipped teacher pickle runs its own (older) embedded source, which ignores autocast: refine.py
-    --precision=bf16 rebuilds it as ours, with the same outputs in float32."""
-    import refine
+def test_bf16_rebuilds_an_old_source_teacher():
+    """The shipped teacher pickle runs its own (older) embedded source, which ignores autocast: refine.py and
+    distill.py --precision=bf16 rebuild it as ours (pipelines.cli.bf16_ready), with the same outputs in float32."""
     import teachers
+    from pipelines import cli
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'embedded', 'fmnist-edm.pkl')
-    if not os.path.exists(path):
-        pytest.skip('embedded/fmnist-edm.pkl not present')
     old = teachers.load(path)
     assert not divergences.supports_autocast(old)
-    new = refine.bf16_ready(old, torch.device('cpu'))
+    new = cli.bf16_ready(old, torch.device('cpu'))
     assert new is not old and divergences.supports_autocast(new) and new.training == old.training
-    assert refine.bf16_ready(new, torch.device('cpu')) is new
+    assert cli.bf16_ready(new, torch.device('cpu')) is new
+    x, sigma = torch.randn([2, old.img_channels, old.img_resolution, old.img_resolution]), torch.tensor([0.5, 3.0])
+    labels = torch.eye(old.label_dim)[:2] if old.label_dim else None
+    with torch.no_grad():
+        assert torch.allclose(new(x, sigma, labels), old(x, sigma, labels), atol=1e-5)
