@@ -23,6 +23,7 @@ import click
 import torch
 
 import dnnlib
+from torch_utils import compiling
 from torch_utils import persistence
 from torch_utils.pickle_reader import NetworkPickleError
 from metrics import compute_metrics, metric_main
@@ -92,8 +93,10 @@ def load_network(path, device, option):
 @click.option('--jsonl', 'jsonl_path', help='Also append every result line to this file', metavar='FILE')
 @click.option('--verbose/--quiet', help='Progress bars', default=True, show_default=True)
 @click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code or globals are not on the allow-lists')
+@click.option('--compile', 'compile_net', is_flag=True,
+              help="torch.compile the generator's networks (eager, with a warning, if compilation fails)")
 def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detector, mirror, cov_convention,
-         batch_size, seed, workers, device, jsonl_path, verbose, refuse_unknown_code):
+         batch_size, seed, workers, device, jsonl_path, verbose, refuse_unknown_code, compile_net):
     """Compute metrics of a generator and print one JSON line per metric."""
     metric_names = [] if metric_names == 'none' else parse_comma_list(metric_names)
     if not metric_names:
@@ -108,6 +111,9 @@ def main(network_pkl, metric_names, data, ref, ref_network, ref_num, num, detect
         for name in metric_names:
             metric_main.parse_metric(name, num)
         generator = load_network(network_pkl, device, '--network')
+        if compile_net:
+            for name, net in generator.named_children():
+                compiling.compile_module(net, f'generator ({name})', log=lambda line: click.echo(line, err=True))
         if data is not None:
             reference = make_reference(data, mirror=mirror, batch_size=batch_size, num_workers=workers)
         elif ref is not None:

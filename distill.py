@@ -113,6 +113,7 @@ def main(resume, dry_run, **kwargs):
     """Distil a diffusion teacher into a one-step generator (data-free Diff-Instruct)."""
     if resume:
         c, run_dir, state = cli.resume_target(resume, 'distill')
+        c.compile = c.compile or kwargs['compile']  # Changes no result, so --resume may add it.
         run(c, run_dir, resume=state, dry_run=dry_run)
         return
     c = dnnlib.EasyDict(kwargs)

@@ -37,6 +37,7 @@ from dnnlib.cli_types import FINITE_FLOAT, FiniteFloatRange
 from pipelines import generators
 import teachers.sampling
 from stylegan2 import pickles, scripting
+from torch_utils import compiling
 from torch_utils.images import image_grid, save_png, to_uint8_nhwc
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,8 +130,10 @@ def load_projected_w(path: str, G) -> torch.Tensor:
 @click.option('--refuse-unknown-code', is_flag=True, help='Refuse pickles whose code is not on the allow-list')
 @click.option('--overwrite', is_flag=True, help='Replace existing images in --outdir')
 @click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
+@click.option('--compile', 'compile_net', is_flag=True,
+              help='torch.compile the network (eager, with a warning, if compilation fails)')
 def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, projected_w, grid, batch, steps,
-         init_sigma, device, refuse_unknown_code, overwrite, outdir):
+         init_sigma, device, refuse_unknown_code, overwrite, outdir, compile_net):
     opts = dnnlib.EasyDict(trunc=trunc, trunc_cutoff=trunc_cutoff, class_idx=class_idx, noise_mode=noise_mode,
                            batch=batch, steps=steps, init_sigma=init_sigma,
                            device=torch.device(device) if device else scripting.default_device())
@@ -162,6 +165,9 @@ def main(network_pkl, seeds, trunc, trunc_cutoff, class_idx, noise_mode, project
     except FileExistsError as err:
         raise click.ClickException(str(err)) from None
 
+    if compile_net:  # What renders: G (or its synthesis network for --projected-w), the denoiser, the student.
+        target = net.synthesis if projected_w is not None else net
+        compiling.compile_module(target, 'network', log=lambda line: click.echo(line, err=True))
     images = []
     with tqdm.tqdm(total=len(names), unit='img', desc='Generating') as progress, torch.no_grad():
         if projected_w is not None:

@@ -159,6 +159,7 @@ def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""
     if resume:
         c, run_dir, state = cli.resume_target(resume, 'refine')
+        c.compile = c.compile or kwargs['compile']  # Changes no result, so --resume may add it.
         run(c, run_dir, resume=state, dry_run=dry_run)
         return
     c = dnnlib.EasyDict(kwargs)

@@ -23,6 +23,10 @@ Per iteration (schedule `reuse`, the default):
    and after the generator's update the critic takes one step on step 1's samples against teacher samples.
 4. EMA of the generator (half-life in kimg, ramp-up ratio; parameters are averaged, buffers copied).
 
+With `compile`, the adapter's networks, the teacher and a fitted fake score run through torch.compile (compiled in
+place by `torch_utils.compiling`, so state dicts, copies and snapshots are unchanged; eager again, with one warning,
+where compilation fails). Compilation happens at the first iteration, whose time is logged.
+
 Randomness is a function of counters: every accumulation chunk of every iteration gets its own generator seeded
 from (seed, iteration, purpose, global chunk index), and torch's global RNG (dropout) is reseeded the same way.
 Hence exact resume needs no RNG bookkeeping, and N processes with `batch_gpu` b see the same samples as one process
@@ -34,10 +38,12 @@ import dataclasses
 import math
 import os
 import pickle
+import time
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from torch_utils import compiling
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
@@ -46,7 +52,7 @@ from training.run import Run, atomic_write, counter_seed, ema_beta, kimg_label, 
 from .adapters import GeneratorAdapter
 from .critic import TeacherSampleCritic
 from .divergences import autocast, edm_dsm_loss
-from .fake_scores import FakeScore, make_fake_score
+from .fake_scores import FakeScore, FittedFakeScore, make_fake_score
 from .images import save_preview
 from .options import AMP_DTYPES, TrainingOptions, build_divergence
 from .sigmas import LogNormal
@@ -102,6 +108,8 @@ class Trainer:
                 if net is not None and isinstance(getattr(net, 'use_fp16', None), bool):
                     net.use_fp16 = True
         self.ema = copy.deepcopy(self.adapter).eval().requires_grad_(False)
+        if self.opts.compile:
+            self._compile_networks()
 
         self.g_params = [p for p in self.adapter.parameters() if p.requires_grad]
         if not self.g_params:
@@ -126,6 +134,17 @@ class Trainer:
             raise ValueError('fake score: pass a copy of the teacher (copy.deepcopy), not the teacher itself')
         net.to(self.device).requires_grad_(True)
         return fake_score if given else make_fake_score(net, self.opts)
+
+    def _compile_networks(self) -> None:
+        """`compile`: the adapter's networks (its direct children), the teacher and a fitted fake score run through
+        torch.compile, in place (`torch_utils.compiling`: eager again where compilation fails). The EMA copy, the
+        critic and snapshots stay eager."""
+        targets = [(f'generator ({name})', net) for name, net in self.adapter.named_children()]
+        targets.append(('teacher', self.teacher))
+        if isinstance(self.fake, FittedFakeScore):
+            targets.append(('fake score', self.fake_score))
+        for name, net in targets:
+            compiling.compile_module(net, name, log=dist.print0)
 
     # -- what the fake score's steps use ----------------------------------------------------------------------
 
@@ -359,8 +378,13 @@ class Trainer:
                     desc='ikl', tensorboard=o.tensorboard, log_file=False, rank=self.rank, world_size=self.world)
         clock.load_state_dict(dict(cur_nimg=self.cur_nimg, cur_tick=self.cur_tick, tick_start_nimg=self.tick_start_nimg))
         try:
+            first = o.compile
             while not clock.done:
+                start = time.perf_counter()
                 self.step()
+                if first:
+                    first = False
+                    dist.print0(f'compile: first iteration {time.perf_counter() - start:.1f} s (compilation included)')
                 if not clock.advance(o.batch):
                     continue
                 self._report_tracking()

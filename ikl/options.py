@@ -73,6 +73,8 @@ class TrainingOptions:
                                     # own `use_fp16` (EDM, StyleGAN2) skip autocast for fp16: the teacher's, the fake's
                                     # and the adapter's direct children's `use_fp16` is switched on (fp16 on CUDA only).
                                     # bf16 autocasts ours too (`supports_autocast`); upstream-source ones warn, stay fp32.
+    compile: bool = False           # torch.compile the generator's networks, the teacher and a fitted fake score (falls
+                                    # back to eager, with a warning, where compilation fails; torch_utils.compiling).
     loss_scale_init: float = 2.0 ** 15
     loss_scale_growth_interval: int = 1000
     seed: int = 0

@@ -73,6 +73,8 @@ def engine_options(fn: Callable) -> Callable:
         click.option('--max-skipped', type=click.IntRange(min=0), default=50, show_default=True,
                      help='Stop after more non-finite steps than this in a row'),
         click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32', show_default=True, help='Autocast for the forwards (fp16 adds dynamic loss scaling)'),
+        click.option('--compile', is_flag=True,
+                     help='torch.compile the generator, teacher and fake score (eager, with a warning, if it fails)'),
         click.option('--schedule', type=click.Choice(['reuse', 'official']), default='reuse', show_default=True, help='One generator pass per step, or the official extra pass'),
         click.option('--tick', type=FiniteFloatRange(min=0, min_open=True), default=4, show_default=True, help='kimg per tick (one stats line)'),
         click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True, help='Ticks per snapshot and grid'),
@@ -102,6 +104,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         fake_warmup_kimg=c.get('fake_warmup', 0), fake_P_mean=c.p_mean, fake_P_std=c.p_std,
         g_lr=c.glr, fake_lr=c.lr, g_betas=(c.get('g_beta1', 0.0), 0.999), max_skipped_in_row=c.get('max_skipped', 50), lr_warmup_kimg=c.warmup, lr_rampdown_kimg=c.get('rampdown', 0), ema_halflife_kimg=c.ema,
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
+        compile=bool(c.get('compile', False)),
         adv_weight=c.get('adv', 0.0), adv_lr=c.get('adv_lr', 2e-4), adv_r1_gamma=c.get('adv_r1', 0.01),
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))
@@ -116,6 +119,7 @@ def resume_target(path: str, script: str):
             raise SetupError(f'--resume {path}: expected a run directory or one of its training-state-*.pt files')
         run_dir, state = os.path.dirname(os.path.abspath(path)), path
     c = load_options(run_dir, script)
+    c.setdefault('compile', False)  # Runs saved before --compile existed.
     if state is None:
         state = latest_training_state(run_dir)
         if state is None:

@@ -55,7 +55,31 @@ def covered_devices(required):
         loader = custom_ops.get_plugin if required else custom_ops.try_get_plugin
         loaded = loader(MODULE_NAME, **build_kwargs(kind))
         _covered_devices = frozenset() if loaded is None else frozenset(['cpu', kind])
+        if loaded is not None:
+            register_fake_kernels()
     return _covered_devices
+
+
+_fakes_registered = False
+
+
+def register_fake_kernels():
+    """Output shapes of the ops without running them, so torch.compile traces through them (no graph breaks)."""
+    global _fakes_registered
+    register = getattr(torch.library, 'register_fake', None)
+    if _fakes_registered or register is None:
+        return
+    _fakes_registered = True
+
+    @register(f'{MODULE_NAME}::bias_act')
+    def _bias_act_fake(x, b, dy, ddx, mode, dim, act, alpha, gain, clamp):  # pylint: disable=unused-argument
+        return torch.empty_like(x)
+
+    @register(f'{MODULE_NAME}::upfirdn2d')
+    def _upfirdn2d_fake(x, g, upx, upy, downx, downy, padx0, padx1, pady0, pady1):
+        out_h = (x.shape[2] * upy + pady0 + pady1 - g.shape[0] + downy) // downy
+        out_w = (x.shape[3] * upx + padx0 + padx1 - g.shape[1] + downx) // downx
+        return x.new_empty([x.shape[0], x.shape[1], out_h, out_w])
 
 
 KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
