@@ -48,7 +48,12 @@ def nan_to_num(input: torch.Tensor, nan: float = 0.0, posinf: Optional[float] = 
 
 @contextlib.contextmanager
 def suppress_tracer_warnings() -> Iterator[None]:
-    """Silence torch.jit.TracerWarning inside the block (shape checks are fine to trace as constants)."""
+    """Silence torch.jit.TracerWarning inside the block (shape checks are fine to trace as constants). Under
+    torch.compile there is nothing to silence, and touching the warning filters would break the graph."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling') and compiler.is_compiling():
+        yield
+        return
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
         yield
