@@ -82,7 +82,7 @@ class TeacherSampleCritic:
         """One D update: logistic loss on each round's (detached) samples against as many bank images."""
         o = self.opts
         r1_due = o.adv_r1_gamma > 0 and self.steps % o.adv_r1_interval == 0
-        weight = self.scaler.scale / o.batch
+        weight = self.scaler.factor(1.0 / o.batch)
         self.net.train()
         for r in range(trainer.rounds):
             fake, fake_labels = samples(r)

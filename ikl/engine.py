@@ -201,12 +201,12 @@ class Trainer:
             if share:
                 loss, fake_fwd = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen,
                                                                 keep_fake_graph=True, **kwargs)
-                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch) + self.fake.loss_from_forward(fake_fwd)
+                total = loss.sum() * self.g_scaler.factor(o.g_loss_scale / o.batch) + self.fake.loss_from_forward(fake_fwd)
             else:
                 loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
-                total = loss.sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+                total = loss.sum() * self.g_scaler.factor(o.g_loss_scale / o.batch)
             if self.critic is not None:
-                total = total + self.critic.generator_loss(x0, labels).sum() * (o.g_loss_scale * self.g_scaler.scale / o.batch)
+                total = total + self.critic.generator_loss(x0, labels).sum() * self.g_scaler.factor(o.g_loss_scale / o.batch)
             total.backward()
             samples.append((x0.detach(), None if labels is None else labels.detach()))
         self.teacher.eval()
@@ -258,6 +258,15 @@ class Trainer:
             change = (now - self._tick_params).norm() / self._tick_params.norm().clamp_min(1e-12)
             training_stats.report0('Tracking/g_update', change)
         self._tick_params = now
+
+    def _check_diverged(self) -> None:
+        """Once per tick: the deferred stop of updates decided on the device (`ikl.updates`); on the host path the
+        stop already happened at the step."""
+        scalers = [('G', self.g_scaler), ('fake', getattr(self.fake, 'scaler', None)),
+                   ('critic', getattr(self.critic, 'scaler', None))]
+        for name, scaler in scalers:
+            if scaler is not None:
+                scaler.check_diverged(self.opts.max_skipped_in_row, name)
 
     def _update_ema(self) -> None:
         o = self.opts
@@ -387,6 +396,7 @@ class Trainer:
                     dist.print0(f'compile: first iteration {time.perf_counter() - start:.1f} s (compilation included)')
                 if not clock.advance(o.batch):
                     continue
+                self._check_diverged()
                 self._report_tracking()
                 training_stats.report0('Progress/loss_scale_G', self.g_scaler.scale)
                 training_stats.report0('Progress/skipped_total_G', self.g_scaler.skipped)

@@ -63,9 +63,9 @@ class FittedFakeScore(FakeScore):
         self.opt = misc.make_adam(self.params, lr=opts.fake_lr, betas=tuple(opts.betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
 
-    def loss_weight(self) -> float:
+    def loss_weight(self):
         """Factor on the per-sample DSM losses' sum: the global batch mean, times the loss scale."""
-        return self.opts.fake_loss_scale * self.scaler.scale / self.opts.batch
+        return self.scaler.factor(self.opts.fake_loss_scale / self.opts.batch)
 
     def apply(self, trainer) -> None:
         trainer.update(self.params, self.opt, self.scaler, self.opts.fake_lr * trainer.lr_factor(), 'fake')
