@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 VENV_FLAGS := $(if $(filter 1,$(USE_SYSTEM_TORCH)),--system-site-packages,)
 
-.PHONY: venv test demo check-cuda clean
+.PHONY: venv test demo check-cuda gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ demo: venv
 
 check-cuda:
 	bash tools/check_cuda.sh
+
+# On a GPU machine (a CUDA torch in PYTHON): build the CUDA ops, check them, short runs in fp32/bf16/fp16, and the
+# speed benchmark on CUDA, in under 8 minutes on one H200 (tools/gpu_check.sh; results in gpu-check-out/).
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
