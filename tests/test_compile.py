@@ -219,3 +219,27 @@ def test_tracer_warning_filter_is_left_alone_under_compile(monkeypatch):
     with misc.suppress_tracer_warnings():
         pass
     assert entered == [1]
+
+
+def test_a_backward_that_cannot_compile_falls_back_at_the_forward(monkeypatch):
+    """The backward graph is compiled with the forward, so its failure is caught where the fallback can act (a lazy
+    backward compile would raise later, inside loss.backward(), beyond any fallback)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def no_backward(gm, example_inputs):
+        raise RuntimeError('backward compiler unavailable')
+
+    monkeypatch.setattr(compiling, 'BACKEND', aot_autograd(fw_compiler=lambda gm, example_inputs: gm,
+                                                           bw_compiler=no_backward))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Tiny()
+    x = torch.randn(3, 6)
+    ref = _run(net, x)
+    compiling.compile_module(net, 'tiny', log=lambda line: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        got = _run(net, x)
+    assert [str(w.message) for w in caught if 'could not be compiled' in str(w.message) and
+            'backward compiler unavailable' in str(w.message)]
+    assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))
