@@ -243,3 +243,33 @@ def test_a_backward_that_cannot_compile_falls_back_at_the_forward(monkeypatch):
     assert [str(w.message) for w in caught if 'could not be compiled' in str(w.message) and
             'backward compiler unavailable' in str(w.message)]
     assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))
+
+
+class Noisy(torch.nn.Module):
+    """Draws inside its forward, like StyleGAN2's noise inputs and EDM's dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 16)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.drop(h + torch.randn_like(h) * 0.5)
+
+
+def test_random_draws_inside_a_compiled_network_are_eager_draws():
+    """Same seed, same numbers: what counter-seeded randomness, shared dropout masks and exact resume rely on."""
+    torch.manual_seed(0)
+    net = Noisy().train()
+    x = torch.randn(4, 6)
+    torch.manual_seed(7)
+    ref = _run(net, x)
+    compiling.compile_module(net, 'noisy', log=lambda line: None)
+    torch.manual_seed(7)
+    got = _run(net, x)
+    if HAVE_CXX:
+        assert compiling.compiled_call(net).failure is None
+    _assert_close(got[0], ref[0])
+    for g, r in zip(got[2], ref[2]):
+        _assert_close(g, r)

@@ -9,7 +9,9 @@ Compilation is lazy: it happens at the first call (and again whenever torch's gu
 new batch size or train/eval mode). When that raises (no C++ compiler for inductor, an unsupported construct, a
 backend error), one one-line warning is given and the module runs eager from then on. Under autograd the
 backward graph is compiled at the forward call too (not lazily at the first backward), so a failing backward
-compile also falls back instead of failing the step. The first call's wall time, compilation included, goes to
+compile also falls back instead of failing the step. Random numbers drawn inside a compiled network (StyleGAN2's
+noise, dropout) come from torch's generator as in eager mode, so counter-seeded draws, the teacher's and the fake
+score's shared dropout masks and exact resume work as without compile. The first call's wall time, compilation included, goes to
 `log` (the "compile time").
 
 Results equal eager up to floating-point reassociation (inductor fuses and reorders reductions); the tests check
@@ -39,12 +41,21 @@ def _one_line(err: BaseException) -> str:
     return f'{type(err).__name__}: {first}'[:300]
 
 
-def _compile_backward_now():
-    """Make AOTAutograd compile the backward graph together with the forward (private config, where present)."""
-    config = getattr(getattr(torch, '_functorch', None), 'config', None)
-    if config is not None and hasattr(config, 'force_non_lazy_backward_lowering'):
-        return config.patch(force_non_lazy_backward_lowering=True)
-    return contextlib.nullcontext()
+def _compile_settings():
+    """While a compiled call may compile: AOTAutograd compiles the backward graph together with the forward, and
+    inductor draws random numbers (StyleGAN2's noise inputs, dropout) with torch's own generator, so they are the
+    numbers eager draws from the same seed (private configs, used where present)."""
+    stack = contextlib.ExitStack()
+    functorch = getattr(getattr(torch, '_functorch', None), 'config', None)
+    if functorch is not None and hasattr(functorch, 'force_non_lazy_backward_lowering'):
+        stack.enter_context(functorch.patch(force_non_lazy_backward_lowering=True))
+    try:
+        import torch._inductor.config as inductor  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        inductor = None
+    if inductor is not None and hasattr(inductor, 'fallback_random'):
+        stack.enter_context(inductor.patch(fallback_random=True))
+    return stack
 
 
 class CompiledCall:
@@ -63,7 +74,7 @@ class CompiledCall:
             return self.eager(*args, **kwargs)
         start = time.perf_counter()
         try:
-            with _compile_backward_now():
+            with _compile_settings():
                 out = self.compiled(*args, **kwargs)
         except Exception as err:  # pylint: disable=broad-except
             self.failure = _one_line(err)
