@@ -168,8 +168,8 @@ class Trainer:
             factor *= 0.5 - 0.5 * math.cos(math.pi * left)
         return factor
 
-    def update(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> bool:
-        """One guarded update of `params` (see `ikl.updates.apply_update`)."""
+    def update(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> Union[bool, torch.Tensor]:
+        """One guarded update of `params` (see `ikl.updates.apply_update`; a device flag where it decides there)."""
         return apply_update(params, optimizer, scaler, lr, name, self.world, self.opts.max_skipped_in_row)
 
     def gathered(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
