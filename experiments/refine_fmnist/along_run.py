@@ -4,7 +4,8 @@ Issue #23 asks whether refinement's erosion is a loss of diversity (mode seeking
 the starting network and each `network-snapshot-<kimg>.pkl` of a run directory this draws `--num` samples per
 class (the same latents for every network), embeds them with the offline Fashion-MNIST detector and reports, against
 the real images of the same class: the Frechet distance per class, precision and recall (k = 3) over all classes,
-and the mean brightness per class. One JSON object per network goes to `along_run.jsonl` in the run directory, a
+and the mean brightness per class, and a pixel-space Frechet distance over all classes (images average-pooled to 8x8,
+so 64 dimensions: plain pixel statistics that the detector cannot hide). One JSON object per network goes to `along_run.jsonl` in the run directory, a
 table to stdout, and the curves to `along_run.png`.
 
     python experiments/refine_fmnist/along_run.py --run=runs/00000-refine-... \
@@ -41,6 +42,11 @@ def _features(detector, images_uint8: torch.Tensor, batch: int = 500) -> np.ndar
     return torch.cat([detector.features(images_uint8[i:i + batch]) for i in range(0, len(images_uint8), batch)]).numpy()
 
 
+def _pixels(images_uint8: torch.Tensor) -> np.ndarray:
+    """Images average-pooled to 8x8 and flattened, in [0, 1]: the space of the pixel-space Frechet distance."""
+    return torch.nn.functional.adaptive_avg_pool2d(images_uint8.float() / 255, 8).flatten(1).numpy().astype(np.float64)
+
+
 def _stats(features: np.ndarray):
     return features.mean(0), np.cov(features, rowvar=False)
 
@@ -55,7 +61,7 @@ def real_by_class(data: str, per_class: int, detector, seed: int):
     for c in range(labels.shape[1]):
         idx = rng.permutation(np.flatnonzero(classes == c))[:per_class]
         imgs = torch.from_numpy(images[idx])
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
     return out
 
 
@@ -67,7 +73,7 @@ def generated_by_class(adapter, num: int, num_classes: int, detector, seed: int)
         z = torch.randn(num, adapter.G.z_dim, generator=g)
         labels = torch.nn.functional.one_hot(torch.full([num], c), num_classes).float()
         imgs = _uint8(torch.cat([adapter.synthesize(z[i:i + 250], labels[i:i + 250]) for i in range(0, num, 250)]))
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
     return out
 
 
@@ -82,18 +88,21 @@ def teacher_by_class(net, num: int, num_classes: int, detector, seed: int, num_s
         imgs = torch.cat([edm_sampler(net, latents[i:i + 250], labels[i:i + 250], num_steps=num_steps)
                           for i in range(0, num, 250)])
         imgs = _uint8(imgs.float())
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
     return out
 
 
 def evaluate(gen, real) -> dict:
-    per_class = [formulas.frechet_distance(*_stats(g), *_stats(r)) for (g, _), (r, _) in zip(gen, real)]
-    all_gen, all_real = np.concatenate([g for g, _ in gen]), np.concatenate([r for r, _ in real])
+    """`gen`, `real`: per class (detector features, mean brightness, pooled pixels)."""
+    per_class = [formulas.frechet_distance(*_stats(g[0]), *_stats(r[0])) for g, r in zip(gen, real)]
+    all_gen, all_real = np.concatenate([g[0] for g in gen]), np.concatenate([r[0] for r in real])
     precision, recall = formulas.precision_recall(all_real, all_gen, k=3)
+    pix_gen, pix_real = np.concatenate([g[2] for g in gen]), np.concatenate([r[2] for r in real])
     return dict(fd_all=formulas.frechet_distance(*_stats(all_gen), *_stats(all_real)),
                 fd_class_mean=float(np.mean(per_class)), fd_class=[round(v, 3) for v in per_class],
                 precision=float(precision), recall=float(recall),
-                brightness=[round(b, 4) for _, b in gen])
+                brightness=[round(g[1], 4) for g in gen],
+                fd_pixels=formulas.frechet_distance(*_stats(pix_gen), *_stats(pix_real)))
 
 
 def snapshots(run: str):
@@ -153,10 +162,10 @@ def main(run, start, data, num, teacher, seed):
             out.write(json.dumps(row) + '\n')
             out.flush()
             print(f"{'teacher' if kimg is None else f'{kimg:7.2f}':>7}  fd {row['fd_all']:6.2f}  class-mean {row['fd_class_mean']:6.2f}  "
-                  f"P {row['precision']:.3f}  R {row['recall']:.3f}  "
+                  f"P {row['precision']:.3f}  R {row['recall']:.3f}  pix {row['fd_pixels']:.4f}  "
                   + ' '.join(f'{v:5.1f}' for v in row['fd_class']), flush=True)
-    print('data brightness per class: ' + ' '.join(f'{b:.3f}' for _, b in real))
-    plot([r for r in rows if r['kimg'] is not None], [b for _, b in real], os.path.join(run, 'along_run.png'))
+    print('data brightness per class: ' + ' '.join(f'{r[1]:.3f}' for r in real))
+    plot([r for r in rows if r['kimg'] is not None], [r[1] for r in real], os.path.join(run, 'along_run.png'))
     print(f'wrote {out_path} and along_run.png')
 
 

@@ -43,7 +43,7 @@ def main(runs, metric, data_mean, out):
     import matplotlib.pyplot as plt
     fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
     for spec in runs:
-        label, sep, run_dir = spec.partition('=')
+        label, sep, run_dir = spec.rpartition('=')  # Labels may hold '=' (option values).
         if not sep or not os.path.isdir(run_dir):
             raise click.BadParameter(f'{spec!r}: expected LABEL=RUN_DIR with an existing directory', param_hint='--run')
         dist, pix = curve(run_dir, metric, metric), curve(run_dir, 'pixels', 'pixel_mean')
