@@ -208,8 +208,11 @@ def _own_source_hashes() -> Set[str]:
     global _own_hashes
     if _own_hashes is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'released_sources.txt'), encoding='utf-8') as f:
-            _own_hashes = {line.split()[0] for line in f if line.strip() and not line.startswith('#')}
+        released = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'released_sources.txt')
+        _own_hashes = set()
+        if os.path.isfile(released):  # Absent in a partial copy of torch_utils: only the files on disk are ours then.
+            with open(released, encoding='utf-8') as f:
+                _own_hashes = {line.split()[0] for line in f if line.strip() and not line.startswith('#')}
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith('.') and d not in ('tests', '__pycache__')]
             for name in filenames:
