@@ -433,11 +433,19 @@ def next_run_dir(outdir: str, desc: str) -> str:
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-def make_run_dir(path: str) -> None:
-    """Create a new run directory; never reuse an existing one (nothing a user made is overwritten)."""
-    try:
-        os.makedirs(path, exist_ok=False)
-    except FileExistsError:
-        raise RunDirError(f'{path} already exists; refusing to overwrite a run directory') from None
-    except OSError as err:
-        raise RunDirError(f'cannot create run directory {path} ({err.strerror})') from None
+def make_run_dir(path: str, renumber: bool = False) -> str:
+    """Create a new run directory and return its path; never reuse an existing one (nothing a user made is
+    overwritten). With `renumber`, a numbered `NNNNN-desc` path that another run took in the meantime (two runs
+    started at once) moves on to the next free number instead of failing."""
+    for _ in range(100):
+        try:
+            os.makedirs(path, exist_ok=False)
+            return path
+        except FileExistsError:
+            m = re.match(r'^\d+-(.+)$', os.path.basename(path))
+            if not (renumber and m):
+                raise RunDirError(f'{path} already exists; refusing to overwrite a run directory') from None
+            path = next_run_dir(os.path.dirname(path), m.group(1))
+        except OSError as err:
+            raise RunDirError(f'cannot create run directory {path} ({err.strerror})') from None
+    raise RunDirError(f'{path}: no free run number after 100 tries')

@@ -234,7 +234,7 @@ def start(script: str, c: dnnlib.EasyDict, run_dir: str, resume: Optional[str], 
     `critic`: the engine's `ikl.TeacherSampleCritic` for `--adv` (refine.py)."""
     if not resume and dist.get_rank() == 0:
         try:
-            dnnlib.util.make_run_dir(run_dir)
+            run_dir = dnnlib.util.make_run_dir(run_dir, renumber=dist.get_world_size() == 1)  # All ranks share the name.
         except dnnlib.util.RunDirError as err:
             raise SetupError(f'--outdir: {err}') from None
         save_options(run_dir, dict(c, script=script))

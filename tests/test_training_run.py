@@ -32,6 +32,24 @@ def test_options_round_trip_and_new_run_dirs(tmp_path):
         run_layer.load_options(second)
 
 
+def test_two_runs_started_at_once_get_two_directories(tmp_path):
+    """A run names its directory early and creates it later: when another run took the number in between, it
+    moves on to the next free one (one process), and never reuses a directory."""
+    import dnnlib
+    out = str(tmp_path)
+    name = dnnlib.util.next_run_dir(out, 'refine-x')
+    os.makedirs(name)  # the other run, started at the same moment, created it first
+    (tmp_path / os.path.basename(name) / 'log.txt').write_text('theirs')
+    mine = dnnlib.util.make_run_dir(name, renumber=True)
+    assert mine == os.path.join(out, '00001-refine-x') and os.path.isdir(mine)
+    assert (tmp_path / '00000-refine-x' / 'log.txt').read_text() == 'theirs'
+    with pytest.raises(dnnlib.util.RunDirError, match='refusing to overwrite'):
+        dnnlib.util.make_run_dir(name)  # without renumber (several processes share the name): refuse
+    os.makedirs(tmp_path / 'my-own-dir')
+    with pytest.raises(dnnlib.util.RunDirError, match='refusing to overwrite'):
+        dnnlib.util.make_run_dir(str(tmp_path / 'my-own-dir'), renumber=True)  # not a numbered run: never renamed
+
+
 def test_counter_seeds_are_functions_of_the_counters():
     assert run_layer.counter_seed(0, 5, 1) == run_layer.counter_seed(0, 5, 1)
     assert len({run_layer.counter_seed(0, i, p) for i in range(20) for p in range(3)}) == 60
