@@ -68,10 +68,10 @@ class Variant:
         self.times = []
 
     def run(self):
-        os.environ[custom_ops.IMPL_ENV] = self.ops
-        start = time.perf_counter()
-        self.call()
-        return time.perf_counter() - start
+        with custom_ops.ops_impl(self.ops):
+            start = time.perf_counter()
+            self.call()
+            return time.perf_counter() - start
 
 
 def sync(device):
@@ -194,38 +194,31 @@ def main(sections, configs, batch, repeats, quick, device, threads, compiled):
     for value, allowed, option in ((names, SECTIONS, '--sections'), (cfgs, G_CONFIGS, '--configs')):
         if any(v not in allowed for v in value):
             raise click.BadParameter(f'choose from {sorted(allowed)}', param_hint=option)
-    previous = os.environ.get(custom_ops.IMPL_ENV)
     rows = []
     started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for cfg in cfgs:
-                for section in names:
-                    if section == 'g':
-                        variants = g_variants(cfg, batch, device, per_section['g'])
-                    elif section == 'fake':
-                        variants = fake_variants(cfg, batch, device, per_section['fake'])
-                    else:
-                        variants = refine_variants(cfg, batch, device, per_section['refine'], tmp)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for cfg in cfgs:
+            for section in names:
+                if section == 'g':
+                    variants = g_variants(cfg, batch, device, per_section['g'])
+                elif section == 'fake':
+                    variants = fake_variants(cfg, batch, device, per_section['fake'])
+                else:
+                    variants = refine_variants(cfg, batch, device, per_section['refine'], tmp)
+                for v in variants:
+                    v.first = v.run()
+                for _ in range(repeats):
                     for v in variants:
-                        v.first = v.run()
-                    for _ in range(repeats):
-                        for v in variants:
-                            v.times.append(v.run())
-                    ref = statistics.median(next(v for v in variants if v.reference).times)
-                    for v in variants:
-                        med = statistics.median(v.times)
-                        failed = [c.failure for m in _modules(v) for c in [compiling.compiled_call(m)] if c and c.failure]
-                        rows.append(dict(section=section, config=cfg, variant=v.name, ops=v.ops, median_sec=med,
-                                         first_sec=v.first, speedup=ref / med, time_ratio=med / ref,
-                                         reference=v.reference, compile_failed=failed[0] if failed else None))
-                    del variants
-    finally:
-        if previous is None:
-            os.environ.pop(custom_ops.IMPL_ENV, None)
-        else:
-            os.environ[custom_ops.IMPL_ENV] = previous
+                        v.times.append(v.run())
+                ref = statistics.median(next(v for v in variants if v.reference).times)
+                for v in variants:
+                    med = statistics.median(v.times)
+                    failed = [c.failure for m in _modules(v) for c in [compiling.compiled_call(m)] if c and c.failure]
+                    rows.append(dict(section=section, config=cfg, variant=v.name, ops=v.ops, median_sec=med,
+                                     first_sec=v.first, speedup=ref / med, time_ratio=med / ref,
+                                     reference=v.reference, compile_failed=failed[0] if failed else None))
+                del variants
 
     print(f'{device.type}, batch {batch}, {torch.get_num_threads()} thread(s), median of {repeats} (interleaved), '
           f'torch {torch.__version__}, {time.perf_counter() - started:.0f} s in all')

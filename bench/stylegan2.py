@@ -76,17 +76,10 @@ def main(batch, repeats, configs, threads):
         impls.append('compiled')
 
     results = {}
-    previous = os.environ.get(custom_ops.IMPL_ENV)
-    try:
-        for name in names:
-            for impl in impls:
-                os.environ[custom_ops.IMPL_ENV] = impl
+    for name in names:
+        for impl in impls:
+            with custom_ops.ops_impl(impl):
                 results[f'{name}/{impl}'] = measure(CONFIGS[name], batch, repeats)
-    finally:
-        if previous is None:
-            os.environ.pop(custom_ops.IMPL_ENV, None)
-        else:
-            os.environ[custom_ops.IMPL_ENV] = previous
 
     print(f'StyleGAN2 forward+backward, CPU float32, batch {batch}, {torch.get_num_threads()} threads, '
           f'median of {repeats}')

@@ -119,6 +119,16 @@ def _weights(trainer):
     return [p.detach().clone() for p in list(trainer.adapter.parameters()) + list(trainer.fake_score.parameters())]
 
 
+def _two_steps_each(eager, compiled):
+    """Two engine steps of each trainer; the compile-failure warnings they raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(2):
+            eager.step()
+            compiled.step()
+    return [str(w.message) for w in caught if 'could not be compiled' in str(w.message)]
+
+
 def test_engine_compile_equals_eager(tmp_path, capsys):
     eager = _trainer(tmp_path)
     compiled = _trainer(tmp_path, compile=True)
@@ -126,12 +136,7 @@ def test_engine_compile_equals_eager(tmp_path, capsys):
                                                                   compiled.fake_score]) if c is not None)
     assert names == ['fake score', 'generator (G)', 'teacher']
     assert compiling.compiled_call(compiled.ema.G) is None  # the EMA copy (previews, snapshots) stays eager
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        for _ in range(2):
-            eager.step()
-            compiled.step()
-    failed = [str(w.message) for w in caught if 'could not be compiled' in str(w.message)]
+    failed = _two_steps_each(eager, compiled)
     if HAVE_CXX:
         assert not failed, failed
         out = capsys.readouterr().out
@@ -144,12 +149,7 @@ def test_engine_falls_back_when_compilation_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(compiling, 'BACKEND', _failing_backend)
     eager = _trainer(tmp_path)
     compiled = _trainer(tmp_path, compile=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        for _ in range(2):
-            eager.step()
-            compiled.step()
-    failed = [str(w.message) for w in caught if 'could not be compiled' in str(w.message)]
+    failed = _two_steps_each(eager, compiled)
     assert len(failed) == 3  # one each for the generator, the teacher and the fake score, once
     for a, b in zip(_weights(compiled), _weights(eager)):
         assert torch.equal(a, b)  # eager is eager: bit for bit

@@ -35,15 +35,8 @@ def with_impl(impl, fn):
     mode = dict(ref='ref', compiled='compiled')[impl]
 
     def call(*args):
-        previous = os.environ.get(custom_ops.IMPL_ENV)
-        os.environ[custom_ops.IMPL_ENV] = mode
-        try:
+        with custom_ops.ops_impl(mode):
             return fn(*args)
-        finally:
-            if previous is None:
-                os.environ.pop(custom_ops.IMPL_ENV, None)
-            else:
-                os.environ[custom_ops.IMPL_ENV] = previous
     return call
 
 

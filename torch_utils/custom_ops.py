@@ -58,6 +58,21 @@ def impl_mode():
     return mode
 
 
+
+@contextlib.contextmanager
+def ops_impl(mode: str):
+    """Run the block under TOOLKIT_OPS_IMPL=`mode` (benchmarks and checks that compare the implementations); the
+    previous value, or its absence, comes back afterwards."""
+    previous = os.environ.get(IMPL_ENV)
+    os.environ[IMPL_ENV] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(IMPL_ENV, None)
+        else:
+            os.environ[IMPL_ENV] = previous
+
 def build_root():
     """Directory holding one subdirectory per built extension version."""
     for var in (BUILD_DIR_ENV, 'TORCH_EXTENSIONS_DIR'):
