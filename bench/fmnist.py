@@ -1,103 +1,185 @@
-"""Image-scale benchmark on Fashion-MNIST: does a real StyleGAN2 generator get better when an EDM teacher instructs it?
+"""Refinement at image scale (issue 23): does refine.py make the shipped Fashion-MNIST GANs better, and keep them so?
 
-Given a StyleGAN2 generator and an EDM teacher (by default the ones shipped in `embedded/`), it measures the
-Fréchet distance in the offline Fashion-MNIST detector's features (`fd_fmnist`, not Inception FID) against a
-dataset (by default the shipped statistics of the training set), for: the GAN before refinement, the GAN after
-`refine.py`, the teacher with 18- and 35-step Heun sampling, and a one-step student from `distill.py`; with the
-wall time of each. Refinement and distillation run through the real command-line tools into --outdir. Prints a
-table, then one JSON object as its last line.
+For each GAN (by default the shipped weak 40-kimg and well-trained 240-kimg StyleGAN2) and each seed, `refine.py`
+runs as a user would run it, with the recipe given by `--recipe` (by default refine.py's own defaults) and the
+distance to the data measured by refine.py's own `--metrics` (`fd_fmnist`, `--num` samples, at the start and at every
+snapshot). Reported per GAN, as mean and spread over the seeds: the start, the best point (and where), the end, end /
+start, end / best, the share of the gap to the teacher closed at the end, (start - end) / (start - teacher), and,
+with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness and the
+Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on the same cached bank of its
+Heun-18 samples that `--adv` trains against (drawn on first use).
+The targets of issue 23 are printed beside the results. A table, then one JSON object as the last line.
 
-Targets (issue 9): refined <= 0.7x the original GAN's distance; the one-step student within 1.5x of the teacher's
-35-step distance.
+    python bench/fmnist.py --seeds=0,1,2 --pixels-data=datasets/fmnist-32x32.zip --outdir=bench-out/fmnist \\
+        --recipe="--adv=1 --adv-lr=5e-4 --glr=1e-4 --lr=1e-4 --fake-warmup=1 --batch=128"
 """
 
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+from typing import Dict, List
 
 import click
-
-from dnnlib.cli_types import FINITE_FLOAT
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from pipelines import generators
 from metrics import compute_metrics  # noqa: E402
+from metrics.pixels import pixel_frechet_distance, pooled_pixels  # noqa: E402
+import teachers  # noqa: E402
+from pipelines import generators  # noqa: E402
+from pipelines.critic import teacher_bank  # noqa: E402
+from training.dataset import ImageFolderDataset  # noqa: E402
+
+GANS = {'weak': 'embedded/fmnist-stylegan2.pkl', 'well-trained': 'embedded/fmnist-stylegan2-240kimg.pkl'}
+TARGETS = {'weak': 0.5, 'well-trained': 0.75}  # Issue 23: the end at most this times the start...
+END_OVER_BEST = 1.05                             # ...and at most this times the run's best.
 
 
-def frechet_distance(generator, reference: str, num: int, batch: int, device: torch.device) -> float:
-    records = compute_metrics([f'fid{num}_full'], generator, reference, detector='fmnist', device=device,
-                              num_gen=num, batch_size=batch)
-    return float(next(iter(records[0]['results'].values())))
+def read_curve(run_dir: str) -> List[Dict]:
+    """The run's distance at the start and at every snapshot, from refine.py's metric-fd_*.jsonl:
+    [{kimg, fd, snapshot}] in order (kimg 0 for the start)."""
+    paths = glob.glob(os.path.join(run_dir, 'metric-fd_*.jsonl'))
+    if len(paths) != 1:
+        raise click.ClickException(f'{run_dir}: expected one metric-fd_*.jsonl, found {len(paths)}')
+    curve = []
+    with open(paths[0], encoding='utf-8') as f:
+        for line in f:
+            record = json.loads(line)
+            snapshot = record.get('snapshot_pkl')
+            kimg = 0.0 if snapshot is None else float(os.path.basename(snapshot)[len('network-snapshot-'):-len('.pkl')])
+            curve.append(dict(kimg=kimg, fd=float(next(iter(record['results'].values()))), snapshot=snapshot))
+    return curve
 
 
-def run_tool(script: str, args: list, outdir: str) -> str:
-    """Run refine.py / distill.py as a user would; return the newest snapshot of the run it made."""
+def summarise(curve: List[Dict], teacher_fd: float) -> Dict:
+    """Start, best, end and the ratios issue 23 asks for, from one run's curve."""
+    start, end = curve[0]['fd'], curve[-1]['fd']
+    best = min(curve, key=lambda point: point['fd'])
+    return dict(start=start, best=best['fd'], best_kimg=best['kimg'], end=end, end_kimg=curve[-1]['kimg'],
+                end_over_start=end / start, end_over_best=end / best['fd'],
+                gap_closed=(start - end) / (start - teacher_fd))
+
+
+def mean_spread(values: List[float]) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    return f'{values.mean():.3f}' + (f' ± {values.std(ddof=1):.3f}' if len(values) > 1 else '')
+
+
+@torch.no_grad()
+def pixel_summary(generator, num: int, data_pixels: np.ndarray, seed: int = 0) -> Dict:
+    """Mean brightness and the 8x8 pixel Frechet distance to the data of `num` samples."""
+    gen = torch.Generator(device=generator.device).manual_seed(seed)
+    images = []
+    for start in range(0, num, 250):
+        x, _ = generator.sample(min(250, num - start), gen)
+        images.append((x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu())
+    pixels = pooled_pixels(torch.cat(images))
+    return dict(brightness=float(torch.cat(images).float().mean() / 255), fd_pixels=pixel_frechet_distance(pixels, data_pixels))
+
+
+class BankSamples:
+    """Stored samples seen as a generator adapter (`sample` hands them out in order), for `compute_metrics`."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.next = images, 0
+
+    def sample(self, batch_size: int, generator=None):
+        if self.next + batch_size > len(self.images):
+            raise ValueError(f'only {len(self.images)} stored samples')
+        self.next += batch_size
+        return self.images[self.next - batch_size:self.next].float(), None
+
+
+def metric_name(num: int) -> str:
+    return f'fid{num // 1000}k_full' if num % 1000 == 0 else f'fid{num}_full'
+
+
+def refine(gan: str, teacher: str, data: str, num: int, kimg: float, seed: int, recipe: List[str], outdir: str) -> str:
+    """One refine.py run as a user would start it; returns its run directory."""
     before = set(glob.glob(os.path.join(outdir, '*')))
-    subprocess.run([sys.executable, os.path.join(ROOT, script), '--outdir', outdir, '--no-progress'] + args,
+    subprocess.run([sys.executable, os.path.join(ROOT, 'refine.py'), '--network', gan, '--teacher', teacher,
+                    '--outdir', outdir, '--kimg', str(kimg), '--seed', str(seed), '--tick', '1', '--snap', '2',
+                    '--metrics', metric_name(num), '--metrics-ref', data, '--detector', 'fmnist', '--no-progress'] + recipe,
                    check=True, cwd=ROOT)
     run_dir, = set(glob.glob(os.path.join(outdir, '*'))) - before
-    return sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))[-1]
+    return run_dir
 
 
 @click.command()
-@click.option('--gan', default='embedded/fmnist-stylegan2.pkl', show_default=True, help='StyleGAN2 pickle (train_stylegan2.py)')
-@click.option('--teacher', default='embedded/fmnist-edm.pkl', show_default=True, help='EDM teacher pickle (train_teacher.py)')
+@click.option('--gans', default='weak,well-trained', show_default=True,
+              help=f'Comma-separated names ({", ".join(GANS)}) or NAME=PKL pairs')
+@click.option('--teacher', default='embedded/fmnist-edm-492kimg.pkl', show_default=True, help='EDM teacher pickle')
 @click.option('--data', default='embedded/fmnist-32x32-fmnist.npz', show_default=True,
-              help='Reference: dataset ZIP (dataset_tool.py) or statistics .npz (calc_ref.py)')
-@click.option('--num', type=click.IntRange(min=2), default=2000, show_default=True, help='Samples per distance')
-@click.option('--refine-kimg', type=FINITE_FLOAT, default=2, show_default=True, help='Refinement length, fake warm-up included')
-@click.option('--fake-warmup', type=FINITE_FLOAT, default=1, show_default=True, help='Refinement: fake-score warm-up, kimg')
-@click.option('--p-mean', type=FINITE_FLOAT, default=-2.3, show_default=True, help='Refinement: mean of ln(sigma)')
-@click.option('--p-std', type=FINITE_FLOAT, default=0.3, show_default=True, help='Refinement: std of ln(sigma)')
-@click.option('--distill-kimg', type=FINITE_FLOAT, default=20, show_default=True)
-@click.option('--batch', type=int, default=32, show_default=True)
-@click.option('--glr', type=FINITE_FLOAT, default=1e-4, show_default=True, help='Generator lr for refine and distill')
-@click.option('--lr', type=FINITE_FLOAT, default=1e-4, show_default=True, help='Fake-score lr for refine and distill')
+              help='Reference of the distance: statistics .npz (calc_ref.py) or dataset ZIP')
+@click.option('--pixels-data', type=click.Path(exists=True), help='Dataset ZIP for the pixel statistics (skipped without)')
+@click.option('--num', type=click.IntRange(min=2), default=5000, show_default=True, help='Samples per distance')
+@click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=20, show_default=True, help='Refinement length')
+@click.option('--seeds', default='0,1,2', show_default=True, help='Comma-separated refinement seeds')
+@click.option('--recipe', default='', show_default=True, help='Further refine.py options, e.g. "--adv=1 --batch=128"')
 @click.option('--outdir', default='bench-out/fmnist', show_default=True)
 @click.option('--device', default='cpu', show_default=True)
-def main(gan, teacher, data, num, refine_kimg, fake_warmup, p_mean, p_std, distill_kimg, batch, glr, lr, outdir, device):
-    """Fréchet distance (offline detector) of GAN, refined GAN, teacher and one-step student."""
+def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, device):
+    """Refine the shipped GANs with several seeds; start, best, end, gap closed and pixel statistics."""
     device = torch.device(device)
-    gan, teacher, data, outdir = (os.path.abspath(p) for p in (gan, teacher, data, outdir))  # tools run in ROOT
+    pairs = [g.split('=', 1) if '=' in g else (g, GANS.get(g)) for g in gans.split(',')]
+    for name, path in pairs:
+        if path is None:
+            raise click.BadParameter(f'unknown GAN name {name!r}; expected one of {sorted(GANS)} or NAME=PKL', param_hint='--gans')
+    seeds = [int(s) for s in seeds.split(',')]
+    recipe = shlex.split(recipe) + ['--device', str(device)]
+    teacher, data, outdir = (os.path.abspath(p) for p in (teacher, data, outdir))
     os.makedirs(outdir, exist_ok=True)
-    common = ['--batch', str(batch), '--glr', str(glr), '--lr', str(lr), '--device', str(device),
-              '--tick', '1', '--snap', '1000']
-    rows = {}
 
-    def measure(name, make_generator, seconds_before=0.0):
-        start = time.time()
-        generator = make_generator()
-        fd = frechet_distance(generator, data, num, batch, device)
-        rows[name] = dict(fd=fd, seconds=seconds_before + time.time() - start)
-        print(f'{name:<22} fd_fmnist {fd:9.3f}   {rows[name]["seconds"]:8.1f} s', flush=True)
+    bank, _ = teacher_bank(teacher, teachers.load(teacher, device=device), num)  # Cached; --adv draws the same.
+    teacher_fd = float(next(iter(compute_metrics([metric_name(num)], BankSamples(bank.to(device)), data, detector='fmnist',
+                                                 device=device)[0]['results'].values())))
+    print(f'teacher (Heun 18): fd_fmnist {teacher_fd:.3f} with {num} samples', flush=True)
+    data_pixels = None
+    if pixels_data:
+        images, _ = ImageFolderDataset(pixels_data).load_all()
+        pick = np.random.default_rng(0).permutation(len(images))[:max(num, 10000)]
+        data_pixels = pooled_pixels(torch.from_numpy(images[pick]))
 
-    measure('gan', lambda: generators.load_generator(gan, device))
-    start = time.time()
-    refined = run_tool('refine.py', ['--network', gan, '--teacher', teacher, '--kimg', str(refine_kimg),
-                                    '--fake-warmup', str(fake_warmup), '--p-mean', str(p_mean), '--p-std', str(p_std)]
-                      + common, outdir)
-    measure('gan_refined', lambda: generators.load_generator(refined, device), time.time() - start)
-    for steps in (18, 35):
-        measure(f'teacher_heun{steps}', lambda: generators.load_generator(teacher, device, num_steps=steps))
-    start = time.time()
-    student = run_tool('distill.py', ['--teacher', teacher, '--kimg', str(distill_kimg)] + common, outdir)
-    measure('student_one_step', lambda: generators.load_generator(student, device), time.time() - start)
+    results = {}
+    for name, gan in pairs:
+        runs = []
+        for seed in seeds:
+            start_time = time.time()
+            run_dir = refine(os.path.abspath(gan), teacher, data, num, kimg, seed, recipe, os.path.join(outdir, name))
+            row = dict(seed=seed, run_dir=run_dir, seconds=time.time() - start_time, curve=read_curve(run_dir))
+            row.update(summarise(row['curve'], teacher_fd))
+            if data_pixels is not None:
+                final = row['curve'][-1]['snapshot']
+                for when, path in (('start', os.path.abspath(gan)), ('end', os.path.join(run_dir, os.path.basename(final)))):
+                    row[f'pixels_{when}'] = pixel_summary(generators.load_generator(path, device), num, data_pixels)
+            runs.append(row)
+            print(f'{name} seed {seed}: start {row["start"]:.3f}  best {row["best"]:.3f} at {row["best_kimg"]:g} kimg  '
+                  f'end {row["end"]:.3f}  end/start {row["end_over_start"]:.3f}  end/best {row["end_over_best"]:.3f}  '
+                  f'({row["seconds"]:.0f} s)', flush=True)
+        results[name] = runs
 
-    ratios = dict(refined_over_gan=rows['gan_refined']['fd'] / rows['gan']['fd'],
-                  student_over_teacher35=rows['student_one_step']['fd'] / rows['teacher_heun35']['fd'])
     print()
-    print(f'{"generator":<22} {"fd_fmnist":>10} {"seconds":>9}')
-    for name, row in rows.items():
-        print(f'{name:<22} {row["fd"]:10.3f} {row["seconds"]:9.1f}')
-    print(f'refined / GAN = {ratios["refined_over_gan"]:.3f} (target <= 0.7); '
-          f'student / teacher-35 = {ratios["student_over_teacher35"]:.3f} (target <= 1.5)')
-    print(json.dumps(dict(benchmark='fmnist', num=num, refine_kimg=refine_kimg, fake_warmup=fake_warmup, p_mean=p_mean,
-                          p_std=p_std, distill_kimg=distill_kimg, results=rows, ratios=ratios)))
+    print(f'{"GAN":<13} {"start":>14} {"best":>14} {"end":>14} {"end/start":>14} {"end/best":>14} {"gap closed":>14}  target')
+    for name, runs in results.items():
+        cells = [mean_spread([r[k] for r in runs]) for k in ('start', 'best', 'end', 'end_over_start', 'end_over_best', 'gap_closed')]
+        target = TARGETS.get(name)
+        goal = '' if target is None else f'end/start <= {target}, end/best <= {END_OVER_BEST}'
+        print(f'{name:<13} ' + ' '.join(f'{c:>14}' for c in cells) + f'  {goal}')
+    if data_pixels is not None:
+        data_brightness = float(data_pixels.mean())
+        print(f'\npixel statistics (data brightness {data_brightness:.3f}; the 8x8 pixel distance of the data to itself is ~0)')
+        for name, runs in results.items():
+            for key in ('brightness', 'fd_pixels'):
+                print(f'{name:<13} {key:<11} start {mean_spread([r["pixels_start"][key] for r in runs]):>16}   '
+                      f'end {mean_spread([r["pixels_end"][key] for r in runs]):>16}')
+    print(json.dumps(dict(benchmark='fmnist_refine', num=num, kimg=kimg, seeds=seeds, recipe=recipe, teacher_fd=teacher_fd,
+                          targets=TARGETS, results=results)))
 
 
 if __name__ == '__main__':

@@ -3,7 +3,10 @@ brightness or contrast walks away from the start's (or the data's) is drifting, 
 
 from typing import Dict
 
+import numpy as np
 import torch
+
+from . import formulas
 
 
 @torch.no_grad()
@@ -21,3 +24,14 @@ def pixel_statistics(generator, num: int = 2000, batch: int = 250, seed: int = 0
         count += x[0].numel() * len(x)
     mean = total / count
     return dict(pixel_mean=mean, pixel_std=max(total_sq / count - mean ** 2, 0.0) ** 0.5, pixel_contrast=contrast / num)
+
+
+def pooled_pixels(images_uint8: torch.Tensor, size: int = 8) -> np.ndarray:
+    """NCHW uint8 images average-pooled to `size` x `size`, flattened, in [0, 1] (float64): the space of the pixel
+    Frechet distance, coarse enough that 64 dimensions are estimated well from a few thousand samples."""
+    return torch.nn.functional.adaptive_avg_pool2d(images_uint8.float() / 255, size).flatten(1).numpy().astype(np.float64)
+
+
+def pixel_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between two sets of pooled pixels ([N, D] each)."""
+    return formulas.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))

@@ -4,8 +4,10 @@ Issue #23 asks whether refinement's erosion is a loss of diversity (mode seeking
 the starting network and each `network-snapshot-<kimg>.pkl` of a run directory this draws `--num` samples per
 class (the same latents for every network), embeds them with the offline Fashion-MNIST detector and reports, against
 the real images of the same class: the Frechet distance per class, precision and recall (k = 3) over all classes,
-and the mean brightness per class, and a pixel-space Frechet distance over all classes (images average-pooled to 8x8,
-so 64 dimensions: plain pixel statistics that the detector cannot hide). One JSON object per network goes to `along_run.jsonl` in the run directory, a
+and the mean brightness per class, a pixel-space Frechet distance over all classes (images average-pooled to 8x8,
+so 64 dimensions: plain pixel statistics that the detector cannot hide), and the within-class spread per class (the
+8x8 pixels' standard deviation across the class's samples, averaged over pixels, relative to the real images': 1
+for as varied as the data, near 0 for a class collapsed to one image). One JSON object per network goes to `along_run.jsonl` in the run directory, a
 table to stdout, and the curves to `along_run.png`.
 
     python experiments/refine_fmnist/along_run.py --run=runs/00000-refine-... \
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from metrics import formulas  # noqa: E402
 from metrics.detectors import load_detector  # noqa: E402
+from metrics.pixels import pixel_frechet_distance, pooled_pixels  # noqa: E402
 from pipelines.generators import load_generator  # noqa: E402
 from teachers.load import load as load_teacher  # noqa: E402
 from teachers.sampling import edm_sampler  # noqa: E402
@@ -42,11 +45,6 @@ def _features(detector, images_uint8: torch.Tensor, batch: int = 500) -> np.ndar
     return torch.cat([detector.features(images_uint8[i:i + batch]) for i in range(0, len(images_uint8), batch)]).numpy()
 
 
-def _pixels(images_uint8: torch.Tensor) -> np.ndarray:
-    """Images average-pooled to 8x8 and flattened, in [0, 1]: the space of the pixel-space Frechet distance."""
-    return torch.nn.functional.adaptive_avg_pool2d(images_uint8.float() / 255, 8).flatten(1).numpy().astype(np.float64)
-
-
 def _stats(features: np.ndarray):
     return features.mean(0), np.cov(features, rowvar=False)
 
@@ -61,7 +59,7 @@ def real_by_class(data: str, per_class: int, detector, seed: int):
     for c in range(labels.shape[1]):
         idx = rng.permutation(np.flatnonzero(classes == c))[:per_class]
         imgs = torch.from_numpy(images[idx])
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), pooled_pixels(imgs)))
     return out
 
 
@@ -73,7 +71,7 @@ def generated_by_class(adapter, num: int, num_classes: int, detector, seed: int)
         z = torch.randn(num, adapter.G.z_dim, generator=g)
         labels = torch.nn.functional.one_hot(torch.full([num], c), num_classes).float()
         imgs = _uint8(torch.cat([adapter.synthesize(z[i:i + 250], labels[i:i + 250]) for i in range(0, num, 250)]))
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), pooled_pixels(imgs)))
     return out
 
 
@@ -88,7 +86,7 @@ def teacher_by_class(net, num: int, num_classes: int, detector, seed: int, num_s
         imgs = torch.cat([edm_sampler(net, latents[i:i + 250], labels[i:i + 250], num_steps=num_steps)
                           for i in range(0, num, 250)])
         imgs = _uint8(imgs.float())
-        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), _pixels(imgs)))
+        out.append((_features(detector, imgs), float(imgs.float().mean() / 255), pooled_pixels(imgs)))
     return out
 
 
@@ -98,11 +96,13 @@ def evaluate(gen, real) -> dict:
     all_gen, all_real = np.concatenate([g[0] for g in gen]), np.concatenate([r[0] for r in real])
     precision, recall = formulas.precision_recall(all_real, all_gen, k=3)
     pix_gen, pix_real = np.concatenate([g[2] for g in gen]), np.concatenate([r[2] for r in real])
+    spread = [float(g[2].std(0).mean() / r[2].std(0).mean()) for g, r in zip(gen, real)]
     return dict(fd_all=formulas.frechet_distance(*_stats(all_gen), *_stats(all_real)),
                 fd_class_mean=float(np.mean(per_class)), fd_class=[round(v, 3) for v in per_class],
                 precision=float(precision), recall=float(recall),
                 brightness=[round(g[1], 4) for g in gen],
-                fd_pixels=formulas.frechet_distance(*_stats(pix_gen), *_stats(pix_real)))
+                fd_pixels=pixel_frechet_distance(pix_gen, pix_real),
+                spread=[round(v, 4) for v in spread], spread_mean=float(np.mean(spread)))
 
 
 def snapshots(run: str):
@@ -162,7 +162,7 @@ def main(run, start, data, num, teacher, seed):
             out.write(json.dumps(row) + '\n')
             out.flush()
             print(f"{'teacher' if kimg is None else f'{kimg:7.2f}':>7}  fd {row['fd_all']:6.2f}  class-mean {row['fd_class_mean']:6.2f}  "
-                  f"P {row['precision']:.3f}  R {row['recall']:.3f}  pix {row['fd_pixels']:.4f}  "
+                  f"P {row['precision']:.3f}  R {row['recall']:.3f}  pix {row['fd_pixels']:.4f}  spread {row['spread_mean']:.3f}  "
                   + ' '.join(f'{v:5.1f}' for v in row['fd_class']), flush=True)
     print('data brightness per class: ' + ' '.join(f'{r[1]:.3f}' for r in real))
     plot([r for r in rows if r['kimg'] is not None], [r[1] for r in real], os.path.join(run, 'along_run.png'))

@@ -9,7 +9,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from along_run import _pixels, evaluate, snapshots  # noqa: E402
+from along_run import evaluate, snapshots  # noqa: E402
+from metrics.pixels import pooled_pixels  # noqa: E402
 
 
 def _gaussian_fd(mu1, cov1, mu2, cov2):
@@ -45,7 +46,7 @@ def test_per_class_distances_follow_the_class_means_and_a_collapsed_class_loses_
 def test_pixels_are_8x8_means_in_unit_range():
     images = torch.zeros([2, 1, 32, 32], dtype=torch.uint8)
     images[1, :, :4, :4] = 255  # one 4x4 block: one pooled pixel of the second image is white
-    pixels = _pixels(images)
+    pixels = pooled_pixels(images)
     assert pixels.shape == (2, 64) and pixels[0].max() == 0 and pixels[1, 0] == 1.0 and pixels[1, 1:].max() == 0
 
 
@@ -54,3 +55,16 @@ def test_snapshots_are_the_numbered_pickles_in_kimg_order(tmp_path):
                  'training-state-000002.048.pt']:
         (tmp_path / name).write_bytes(b'')
     assert [k for k, _ in snapshots(str(tmp_path))] == [2.048, 10.0]
+
+
+def test_spread_is_the_within_class_pixel_std_relative_to_the_data():
+    rng = np.random.default_rng(1)
+    real = [(rng.normal(size=(300, 4)), 0.0, rng.uniform(0, 1, size=(300, 64))) for _ in range(3)]
+    gen = [(f, b, p if c != 1 else 0.5 + 0.01 * (p - 0.5)) for c, (f, b, p) in enumerate(real)]  # class 1 shrunk 100x
+    gen[2] = (gen[2][0], 0.0, 0.5 + 0.5 * (real[2][2] - 0.5))  # class 2 at half the spread
+    row = evaluate(gen, real)
+    want = [np.sqrt(((g[2] - g[2].mean(0)) ** 2).sum(0) / (len(g[2]) - 1)).mean() /
+            np.sqrt(((r[2] - r[2].mean(0)) ** 2).sum(0) / (len(r[2]) - 1)).mean() for g, r in zip(gen, real)]
+    assert np.allclose(row['spread'], want, atol=1e-4)
+    assert abs(row['spread'][0] - 1) < 1e-4 and abs(row['spread'][1] - 0.01) < 1e-4 and abs(row['spread'][2] - 0.5) < 1e-4
+    assert abs(row['spread_mean'] - np.mean(want)) < 1e-9
