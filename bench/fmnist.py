@@ -35,6 +35,7 @@ import teachers  # noqa: E402
 from pipelines import generators  # noqa: E402
 from pipelines.critic import teacher_bank  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
+from training.run import load_options  # noqa: E402
 
 GANS = {'weak': 'embedded/fmnist-stylegan2.pkl', 'well-trained': 'embedded/fmnist-stylegan2-240kimg.pkl'}
 TARGETS = {'weak': 0.5, 'well-trained': 0.75}  # Issue 23: the end at most this times the start...
@@ -96,6 +97,20 @@ class BankSamples:
         return self.images[self.next - batch_size:self.next].float(), None
 
 
+def finished_runs(outdir: str) -> Dict[int, str]:
+    """seed -> run directory of the runs in `outdir` whose last snapshot reached their --kimg (the newest per seed)."""
+    found = {}
+    for run_dir in sorted(glob.glob(os.path.join(outdir, '*'))):
+        try:
+            options = load_options(run_dir)
+            curve = read_curve(run_dir)
+        except (ValueError, click.ClickException):
+            continue
+        if curve[-1]['kimg'] >= options.kimg:
+            found[int(options.seed)] = run_dir
+    return found
+
+
 def metric_name(num: int) -> str:
     return f'fid{num // 1000}k_full' if num % 1000 == 0 else f'fid{num}_full'
 
@@ -123,8 +138,10 @@ def refine(gan: str, teacher: str, data: str, num: int, kimg: float, seed: int, 
 @click.option('--seeds', default='0,1,2', show_default=True, help='Comma-separated refinement seeds')
 @click.option('--recipe', default='', show_default=True, help='Further refine.py options, e.g. "--adv=1 --batch=128"')
 @click.option('--outdir', default='bench-out/fmnist', show_default=True)
+@click.option('--existing', is_flag=True, help='Report the finished runs already in --outdir/<GAN>/ (those of --seeds) '
+              'instead of starting new ones, e.g. after an interruption')
 @click.option('--device', default='cpu', show_default=True)
-def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, device):
+def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, existing, device):
     """Refine the shipped GANs with several seeds; start, best, end, gap closed and pixel statistics."""
     device = torch.device(device)
     pairs = [g.split('=', 1) if '=' in g else (g, GANS.get(g)) for g in gans.split(',')]
@@ -149,10 +166,17 @@ def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, dev
     results = {}
     for name, gan in pairs:
         runs = []
+        finished = finished_runs(os.path.join(outdir, name)) if existing else {}
         for seed in seeds:
             start_time = time.time()
-            run_dir = refine(os.path.abspath(gan), teacher, data, num, kimg, seed, recipe, os.path.join(outdir, name))
-            row = dict(seed=seed, run_dir=run_dir, seconds=time.time() - start_time, curve=read_curve(run_dir))
+            if existing:
+                if seed not in finished:
+                    continue
+                run_dir, seconds = finished[seed], None
+            else:
+                run_dir = refine(os.path.abspath(gan), teacher, data, num, kimg, seed, recipe, os.path.join(outdir, name))
+                seconds = time.time() - start_time
+            row = dict(seed=seed, run_dir=run_dir, seconds=seconds, curve=read_curve(run_dir))
             row.update(summarise(row['curve'], teacher_fd))
             if data_pixels is not None:
                 final = row['curve'][-1]['snapshot']
@@ -161,7 +185,9 @@ def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, dev
             runs.append(row)
             print(f'{name} seed {seed}: start {row["start"]:.3f}  best {row["best"]:.3f} at {row["best_kimg"]:g} kimg  '
                   f'end {row["end"]:.3f}  end/start {row["end_over_start"]:.3f}  end/best {row["end_over_best"]:.3f}  '
-                  f'({row["seconds"]:.0f} s)', flush=True)
+                  + ('' if seconds is None else f'({seconds:.0f} s)'), flush=True)
+        if not runs:
+            raise click.ClickException(f'{name}: no finished run of seeds {seeds} in {os.path.join(outdir, name)}')
         results[name] = runs
 
     print()

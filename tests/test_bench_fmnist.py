@@ -11,7 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'bench'))
 
-from fmnist import mean_spread, read_curve, summarise  # noqa: E402
+from fmnist import finished_runs, mean_spread, read_curve, summarise  # noqa: E402
 
 
 def _write_metric_file(run_dir, values):
@@ -29,6 +29,16 @@ def test_summary_of_a_curve(tmp_path):
     assert (row['start'], row['best'], row['best_kimg'], row['end'], row['end_kimg']) == (10.0, 6.0, 4.096, 6.3, 6.016)
     assert row['end_over_start'] == pytest.approx(0.63) and row['end_over_best'] == pytest.approx(1.05)
     assert row['gap_closed'] == pytest.approx((10.0 - 6.3) / (10.0 - 1.0))
+
+
+def test_finished_runs_are_those_that_reached_their_kimg(tmp_path):
+    for name, seed, last in (('00000-a', 0, '000020.096'), ('00001-b', 1, '000012.288'), ('00002-c', 0, '000020.480')):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / 'training_options.json').write_text(json.dumps(dict(seed=seed, kimg=20.0)))
+        _write_metric_file(run_dir, [(None, 5.0), (last, 4.0)])
+    (tmp_path / 'not-a-run').mkdir()
+    assert finished_runs(str(tmp_path)) == {0: str(tmp_path / '00002-c')}  # seed 1 stopped early; the newest seed 0
 
 
 def test_summary_of_a_run_that_got_worse():
@@ -54,3 +64,8 @@ def test_bench_runs_refine_per_seed_and_reports(tmp_path):
         assert os.path.isdir(run['run_dir']) and len(run['curve']) == 2  # the start and the final snapshot
         assert run['end'] == run['curve'][-1]['fd'] and run['best'] == min(p['fd'] for p in run['curve'])
     assert 'weak' in out and 'end/start <= 0.5' in out
+    again = subprocess.run(cmd + ['--existing', '--seeds', '1,2'], capture_output=True, text=True, timeout=600,
+                           check=True, env=env, cwd=REPO).stdout
+    reported = json.loads(again.strip().splitlines()[-1])['results']['weak']
+    assert [r['seed'] for r in reported] == [1] and reported[0]['run_dir'] == runs[1]['run_dir']  # no new run
+    assert reported[0]['end'] == runs[1]['end'] and reported[0]['seconds'] is None
