@@ -36,6 +36,7 @@ import teachers  # noqa: E402
 from pipelines import generators  # noqa: E402
 from pipelines.critic import teacher_bank  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
+from training.plots import record_kimg  # noqa: E402
 from training.run import load_options  # noqa: E402
 
 GANS = {'weak': 'embedded/fmnist-stylegan2.pkl', 'well-trained': 'embedded/fmnist-stylegan2-240kimg.pkl'}
@@ -54,9 +55,10 @@ def read_curve(run_dir: str) -> List[Dict]:
         for line in f:
             record = json.loads(line)
             snapshot = record.get('snapshot_pkl')
-            kimg = 0.0 if snapshot is None else float(os.path.basename(snapshot)[len('network-snapshot-'):-len('.pkl')])
-            curve.append(dict(kimg=kimg, fd=float(next(iter(record['results'].values()))), snapshot=snapshot))
-    return curve
+            kimg = record_kimg(snapshot)
+            if kimg is not None:
+                curve.append(dict(kimg=kimg, fd=float(next(iter(record['results'].values()))), snapshot=snapshot))
+    return sorted(curve, key=lambda point: point['kimg'])
 
 
 def summarise(curve: List[Dict], teacher_fd: float) -> Dict:

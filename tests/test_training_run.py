@@ -14,6 +14,9 @@ from training.run import Run
 def test_kimg_labels_and_latest_state(tmp_path):
     assert run_layer.kimg_label(0) == '000000' and run_layer.kimg_label(123000) == '000123'
     assert run_layer.kimg_label(32) == '000000.032' and run_layer.kimg_label(1500) == '000001.500'
+    for nimg in (0, 32, 1500, 123000):  # The label reads back to the kimg it was made from.
+        assert run_layer.snapshot_kimg(f'/r/network-snapshot-{run_layer.kimg_label(nimg)}.pkl') == nimg / 1000
+    assert run_layer.snapshot_kimg('/r/network-snapshot-best.pkl') is None
     for nimg in (0, 32, 1000, 1500):
         torch.save(dict(nimg=nimg), tmp_path / f'training-state-{run_layer.kimg_label(nimg)}.pt')
     assert run_layer.latest_training_state(str(tmp_path)).endswith('training-state-000001.500.pt')

@@ -7,6 +7,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from training.run import snapshot_kimg
+
 
 def _read_jsonl(path: str) -> List[dict]:
     with open(path, encoding='utf-8') as f:
@@ -14,23 +16,24 @@ def _read_jsonl(path: str) -> List[dict]:
 
 
 def metric_curves(run_dir: str) -> Dict[str, List[Tuple[float, float]]]:
-    """{metric: [(kimg, value), ...]} from the run's metric files; the start (no snapshot) is kimg 0."""
+    """{metric: [(kimg, value), ...]} in kimg order from the run's metric files; the start (no snapshot) is kimg 0,
+    and records of files other than numbered snapshots (`network-snapshot-best.pkl`) are left out."""
     curves = {}
     for name in sorted(os.listdir(run_dir)):
         if not (name.startswith('metric-') and name.endswith('.jsonl')):
             continue
         for record in _read_jsonl(os.path.join(run_dir, name)):
             kimg = record_kimg(record.get('snapshot_pkl'))
+            if kimg is None:
+                continue
             for metric, value in record['results'].items():
                 curves.setdefault(metric, []).append((kimg, float(value)))
-    return curves
+    return {metric: sorted(points) for metric, points in curves.items()}
 
 
-def record_kimg(snapshot_pkl: Optional[str]) -> float:
-    """kimg of `network-snapshot-<kimg>.pkl` (0 for the start)."""
-    if snapshot_pkl is None:
-        return 0.0
-    return float(os.path.basename(snapshot_pkl)[len('network-snapshot-'):-len('.pkl')])
+def record_kimg(snapshot_pkl: Optional[str]) -> Optional[float]:
+    """kimg of a metric record's snapshot: 0 for the start, None for a file that is not a numbered snapshot."""
+    return 0.0 if snapshot_pkl is None else snapshot_kimg(snapshot_pkl)
 
 
 def is_distance(metric: str) -> bool:

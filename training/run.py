@@ -36,6 +36,15 @@ def kimg_label(nimg: int) -> str:
     return f'{nimg // 1000:06d}' if nimg % 1000 == 0 else f'{nimg / 1000:010.3f}'
 
 
+SNAPSHOT_NAME = re.compile(r'network-snapshot-(\d+(?:\.\d+)?)\.pkl')
+
+
+def snapshot_kimg(path: str) -> Optional[float]:
+    """kimg of a `network-snapshot-<kimg>.pkl` path; None for any other name (`network-snapshot-best.pkl`)."""
+    m = SNAPSHOT_NAME.fullmatch(os.path.basename(path))
+    return float(m.group(1)) if m else None
+
+
 def kimg_files(run_dir: str, prefix: str, ext: str) -> List[Tuple[float, str]]:
     """The `<prefix>-<kimg>.<ext>` files of a run directory with their kimg, oldest first."""
     pattern = re.compile(re.escape(prefix) + r'-([\d.]+)\.' + re.escape(ext) + '$')

@@ -16,7 +16,6 @@ table to stdout, and the curves to `along_run.png`.
 
 import json
 import os
-import re
 import sys
 
 import click
@@ -32,6 +31,7 @@ from pipelines.generators import load_generator  # noqa: E402
 from teachers.load import load as load_teacher  # noqa: E402
 from teachers.sampling import edm_sampler  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
+from training.run import kimg_files  # noqa: E402
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
 
@@ -106,12 +106,8 @@ def evaluate(gen, real) -> dict:
 
 
 def snapshots(run: str):
-    found = []
-    for name in os.listdir(run):
-        m = re.fullmatch(r'network-snapshot-(\d+(?:\.\d+)?)\.pkl', name)
-        if m:
-            found.append((float(m.group(1)), os.path.join(run, name)))
-    return sorted(found)
+    """(kimg, path) of the run's numbered snapshots, oldest first."""
+    return kimg_files(run, 'network-snapshot', 'pkl')
 
 
 def plot(rows, real_brightness, path: str) -> None:

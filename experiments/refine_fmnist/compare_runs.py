@@ -7,28 +7,21 @@ Each run is given as LABEL=RUN_DIR; the values come from the run's `metric-<name
         --run="IKL=runs/00003-refine-..." --run="IKL + adv=runs/00000-refine-..." [--data-mean=0.22]
 """
 
-import json
 import os
-import re
+import sys
 from typing import List, Tuple
 
 import click
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from training.plots import metric_curves  # noqa: E402
+
 
 def curve(run_dir: str, metric: str, key: str) -> List[Tuple[float, float]]:
     """(kimg, value) of `key` in `metric-<metric>.jsonl`, in kimg order; the start is kimg 0."""
-    path = os.path.join(run_dir, f'metric-{metric}.jsonl')
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, f'metric-{metric}.jsonl')):
         raise click.ClickException(f'{run_dir}: no metric-{metric}.jsonl (was the run made with --metrics?)')
-    points = {}
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            row = json.loads(line)
-            snap = row.get('snapshot_pkl')
-            m = re.search(r'network-snapshot-(\d+(?:\.\d+)?)\.pkl$', snap or '')
-            if snap is None or m:
-                points[float(m.group(1)) if m else 0.0] = float(row['results'][key])
-    return sorted(points.items())
+    return metric_curves(run_dir)[key]
 
 
 @click.command()
