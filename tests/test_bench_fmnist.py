@@ -54,7 +54,7 @@ def test_mean_and_spread_over_seeds():
 def test_bench_runs_refine_per_seed_and_reports(tmp_path):
     env = dict(os.environ, DNNLIB_CACHE_DIR=str(tmp_path / 'cache'), TOOLKIT_OPS_IMPL='ref')  # No ops build.
     cmd = [sys.executable, os.path.join(REPO, 'bench', 'fmnist.py'), '--gans', 'weak', '--num', '40', '--kimg', '0.032',
-           '--seeds', '0,1', '--recipe', '--batch=16 --grid=0', '--outdir', str(tmp_path / 'out')]
+           '--seeds', '0,1', '--recipe', '--recipe=official --batch=16 --grid=0', '--outdir', str(tmp_path / 'out')]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env, cwd=REPO).stdout
     result = json.loads(out.strip().splitlines()[-1])
     runs = result['results']['weak']

@@ -15,7 +15,7 @@ from pipelines.critic import bank_cache_path, teacher_bank
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 from teachers.analytic import ring8
 from test_ikl_engine import OPTS, _networks
-from test_refine_distill import FAST, invoke, last_snapshot, only_run_dir, tiny_G, write_generator, write_teacher
+from test_refine_distill import REFINE_FAST, invoke, last_snapshot, only_run_dir, tiny_G, write_generator, write_teacher
 
 
 @pytest.fixture(scope='module')
@@ -152,7 +152,7 @@ def test_engine_with_critic_resumes_exactly(tmp_path):
 def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, files, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     args = ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'], '--adv', '0.5', '--adv-bank', '8',
-            '--seed', '3'] + FAST
+            '--seed', '3'] + REFINE_FAST
     result = invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016'])
     assert result.exit_code == 0, result.output
     path = bank_cache_path(files['teacher8_cond'], 8, 18, 0)
@@ -183,10 +183,10 @@ def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, file
 
 def test_refine_adv_errors_are_one_line(tmp_path, files):
     result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8'], '--adv', '1',
-                                  '--outdir', str(tmp_path)] + FAST)
+                                  '--outdir', str(tmp_path)] + REFINE_FAST)
     assert result.exit_code != 0
     assert 'the discriminator of' in result.output and 'has 3 classes but the teacher sees 0' in result.output
     no_d = str(tmp_path / 'g-only.pkl')
     save_network_pkl(no_d, G=tiny_G(), G_ema=tiny_G())
-    result = invoke(refine.main, ['--network', no_d, '--teacher', files['teacher8'], '--adv', '1', '--outdir', str(tmp_path)] + FAST)
+    result = invoke(refine.main, ['--network', no_d, '--teacher', files['teacher8'], '--adv', '1', '--outdir', str(tmp_path)] + REFINE_FAST)
     assert result.exit_code != 0 and 'holds no discriminator D' in result.output

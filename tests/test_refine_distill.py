@@ -22,6 +22,7 @@ from teachers import networks as tn
 
 FAST = ['--batch', '4', '--tick', '0.008', '--snap', '1', '--grid', '4', '--no-progress', '--device', 'cpu',
         '--glr', '1e-3', '--lr', '1e-3']
+REFINE_FAST = FAST + ['--recipe', 'official']  # The mechanics, without the default recipe's warm-up and critic.
 
 
 def tiny_teacher(resolution=8, label_dim=0, channels=1, seed=0):
@@ -76,7 +77,7 @@ def files(tmp_path_factory):
 def test_refine_end_to_end_bridges_resolution_and_writes_upstream_layout(tmp_path, files):
     outdir = str(tmp_path / 'runs')
     result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--outdir', outdir,
-                                  '--kimg', '0.016'] + FAST)
+                                  '--kimg', '0.016'] + REFINE_FAST)
     assert result.exit_code == 0, result.output
     run_dir = only_run_dir(outdir)
     assert f'Done at 0.016 kimg: {run_dir}' in result.output and 'fakes000000.016.png (end)' in result.output
@@ -124,7 +125,7 @@ def test_summary_compares_first_and_last_metric_records(tmp_path):
 
 
 def test_refine_resume_continues_exactly(tmp_path, files):
-    args = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '3'] + FAST
+    args = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '3'] + REFINE_FAST
     # Uninterrupted: 4 iterations.
     assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016']).exit_code == 0
     # Interrupted after 2 iterations, then resumed to 4 with the run's own options.
@@ -147,7 +148,7 @@ def test_resume_from_a_chosen_training_state_file(tmp_path, files):
     """--resume=<run>/training-state-X.pt continues from that state: replaying the second half of a run from its
     midway state rewrites the same final networks bit for bit."""
     args = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '5', '--outdir', str(tmp_path),
-            '--kimg', '0.016'] + FAST
+            '--kimg', '0.016'] + REFINE_FAST
     assert invoke(refine.main, args).exit_code == 0
     run_dir = only_run_dir(str(tmp_path))
     final = last_snapshot(run_dir)
@@ -165,7 +166,7 @@ def test_resume_from_a_chosen_training_state_file(tmp_path, files):
 
 def test_refine_conditional_generator_with_conditional_teacher(tmp_path, files):
     result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'],
-                                  '--outdir', str(tmp_path), '--kimg', '0.008'] + FAST)
+                                  '--outdir', str(tmp_path), '--kimg', '0.008'] + REFINE_FAST)
     assert result.exit_code == 0, result.output
     data = load_network_pkl(last_snapshot(only_run_dir(str(tmp_path))))
     assert data['G_ema'].c_dim == 3
@@ -192,6 +193,24 @@ def test_refine_conditional_generator_with_unconditional_teacher_dry_run(files):
     assert resolved['teacher_sees_labels'] is False and resolved['generator']['classes'] == 3
 
 
+def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
+    """--recipe's bundle applies to every option not given; an option given wins; `official` is the shown defaults."""
+    keys = ('glr', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr')
+    def resolved(*extra):
+        result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
+        assert result.exit_code == 0, result.output
+        config = json.loads(result.output)
+        return {k: config[k] for k in keys}, config['resolved']['ikl']
+    default, engine = resolved()
+    assert default == dict(refine.RECIPES['ikl-adv'])
+    assert engine['adv_weight'] == 1.0 and engine['g_lr'] == 1e-4 and engine['batch'] == 128
+    official, engine = resolved('--recipe', 'official')
+    assert official == {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
+    assert engine['adv_weight'] == 0 and engine['g_lr'] == 1e-5 and engine['fake_warmup_kimg'] == 0
+    overridden, _ = resolved('--glr', '3e-4', '--adv', '0')
+    assert overridden == dict(default, glr=3e-4, adv=0.0)
+
+
 def test_refine_bad_files_and_outdir(tmp_path, files):
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(b'not a pickle at all')
@@ -202,7 +221,7 @@ def test_refine_bad_files_and_outdir(tmp_path, files):
     blocker = tmp_path / 'a-file'
     blocker.write_text('x')
     result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'],
-                                  '--outdir', str(blocker / 'runs'), '--kimg', '0.004'] + FAST)
+                                  '--outdir', str(blocker / 'runs'), '--kimg', '0.004'] + REFINE_FAST)
     assert result.exit_code != 0 and 'cannot create run directory' in result.output
 
 
@@ -269,7 +288,7 @@ def test_refine_metrics_keep_the_best_snapshot_and_draw_curves(tmp_path, files):
     try:
         result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--kimg', '0.016',
                                       '--outdir', str(tmp_path / 'runs'), '--metrics', 'fid8', '--metrics-ref-num', '8',
-                                      f'--detector={detector}'] + FAST)
+                                      f'--detector={detector}'] + REFINE_FAST)
     finally:
         dnnlib.util.set_cache_dir(None)
     assert result.exit_code == 0, result.output
@@ -288,7 +307,7 @@ def test_refine_metrics_keep_the_best_snapshot_and_draw_curves(tmp_path, files):
 
 def test_resume_refuses_a_run_without_training_state(tmp_path, files):
     result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--outdir', str(tmp_path),
-                                  '--kimg', '0.008'] + FAST)
+                                  '--kimg', '0.008'] + REFINE_FAST)
     run_dir = only_run_dir(str(tmp_path))
     for path in glob.glob(os.path.join(run_dir, 'training-state-*.pt')):
         os.remove(path)
@@ -306,7 +325,7 @@ def test_sigterm_saves_a_state_that_resumes_exactly(tmp_path, files):
     import sys
     import time
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '1'] + FAST
+    common = ['--network', files['g16'], '--teacher', files['teacher8'], '--seed', '1'] + REFINE_FAST
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'refine.py'), '--outdir', str(tmp_path / 'a'),
                              '--kimg', '1000'] + common, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS='1'))  # One thread, like this process.

@@ -533,11 +533,11 @@ def isolated_cache(tmp_path):
 def test_refine_a_stylegan2_pickle_with_a_diffusers_teacher_then_resume(folders, tmp_path, isolated_cache):
     import refine
     from stylegan2.pickles import load_network_pkl
-    from test_refine_distill import FAST, last_snapshot, only_run_dir, write_generator
+    from test_refine_distill import REFINE_FAST, last_snapshot, only_run_dir, write_generator
     network = write_generator(tmp_path / 'g16.pkl')
     outdir = str(tmp_path / 'runs')
     result = run_cli(refine.main, ['--network', network, '--teacher', folders['pipeline'], '--outdir', outdir,
-                                   '--kimg', '0.008', '--adv', '0.5', '--adv-bank', '8', '--seed', '2'] + FAST)
+                                   '--kimg', '0.008', '--adv', '0.5', '--adv-bank', '8', '--seed', '2'] + REFINE_FAST)
     run_dir = only_run_dir(outdir)
     assert run_dir.endswith('-refine-g16-pipeline') and f'Done at 0.008 kimg: {run_dir}' in result.output
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
