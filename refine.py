@@ -148,11 +148,13 @@ Examples:
       --teacher=cifar10-cond --outdir=runs --kimg=2000 --batch=64
   # A 256 px generator refined through a 64 px teacher (images are resized with antialiasing):
   python refine.py --network=ffhq256.pkl --teacher=edm-ffhq-64x64-uncond-vp --train=synthesis --outdir=runs
-  # The shipped Fashion-MNIST models (embedded/README.md) on the CPU, with the Frechet distance in the offline
-  # detector's features at the start and at the end (what `make demo` runs):
+  # The shipped Fashion-MNIST models (embedded/README.md) on the CPU, default recipe, with the Frechet distance in
+  # the offline detector's features at the start and at every 2 kimg (the benchmark's setting):
   python refine.py --network=embedded/fmnist-stylegan2-240kimg.pkl --teacher=embedded/fmnist-edm-492kimg.pkl \\
-      --outdir=runs --kimg=2 --fake-warmup=1 --batch=32 --glr=1e-4 --lr=1e-4 --tick=0.5 --snap=1 \\
-      --metrics=fid2000_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
+      --outdir=runs --kimg=20 --tick=1 --snap=2 \\
+      --metrics=fid5k_full --metrics-ref=embedded/fmnist-32x32-fmnist.npz --detector=fmnist
+  # The official Diff-Instruct settings instead of the default recipe:
+  python refine.py --network=g.pkl --teacher=edm.pkl --recipe=official --outdir=runs
   # Data-free metrics instead (reference: samples of the teacher):
   python refine.py --network=g.pkl --teacher=edm.pkl --metrics=fid10k_full --outdir=runs
   # Continue a stopped run exactly where it left off:
