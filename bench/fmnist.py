@@ -39,8 +39,9 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 from training.plots import record_kimg  # noqa: E402
 from training.run import load_options  # noqa: E402
 
-GANS = {'weak': 'embedded/fmnist-stylegan2.pkl', 'well-trained': 'embedded/fmnist-stylegan2-240kimg.pkl'}
-TARGETS = {'weak': 0.5, 'well-trained': 0.75}  # Issue 23: the end at most this times the start...
+GANS = {'weak': 'embedded/fmnist-stylegan2.pkl', 'well-trained': 'embedded/fmnist-stylegan2-240kimg.pkl',
+        'gamma1': 'embedded/fmnist-stylegan2-gamma1-160kimg.pkl'}
+TARGETS = {'weak': 0.5, 'well-trained': 0.75, 'gamma1': 0.75}  # Issue 23: the end at most this times the start...
 END_OVER_BEST = 1.05                             # ...and at most this times the run's best.
 
 

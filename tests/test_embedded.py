@@ -17,7 +17,8 @@ from test_metrics_pipeline import DATA, BankAdapter, NoiseAdapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED = os.path.join(ROOT, 'embedded')
-FILES = dict(gan='fmnist-stylegan2.pkl', gan240='fmnist-stylegan2-240kimg.pkl', teacher='fmnist-edm.pkl',
+FILES = dict(gan='fmnist-stylegan2.pkl', gan240='fmnist-stylegan2-240kimg.pkl',
+             gan_gamma1='fmnist-stylegan2-gamma1-160kimg.pkl', teacher='fmnist-edm.pkl',
              teacher492='fmnist-edm-492kimg.pkl', student='fmnist-onestep.pkl',
              ref='fmnist-32x32-fmnist.npz')
 
@@ -39,10 +40,10 @@ def test_embedded_files_fit_the_size_budget():
 
 
 def test_embedded_generators_sample_images_of_the_right_kind():
-    for kind in ('gan', 'gan240'):
+    for kind in ('gan', 'gan240', 'gan_gamma1'):
         G = load_network_pkl(path(kind))['G_ema']
         assert (G.img_resolution, G.img_channels, G.c_dim) == (32, 1, 10)
-    for kind in ('gan', 'gan240', 'student'):
+    for kind in ('gan', 'gan240', 'gan_gamma1', 'student'):
         images, labels = generators.load_generator(path(kind), torch.device('cpu')).sample(8, torch.Generator().manual_seed(0))
         assert images.shape == (8, 1, 32, 32) and torch.isfinite(images).all(), kind
         assert labels.shape == (8, 10) and bool((labels.sum(1) == 1).all()), kind
