@@ -1,6 +1,6 @@
 """Refinement at image scale (issue 23): does refine.py make the shipped Fashion-MNIST GANs better, and keep them so?
 
-For each GAN (by default the shipped weak 40-kimg and well-trained 240-kimg StyleGAN2) and each seed, `refine.py`
+For each GAN (by default the shipped weak 40-kimg and well-trained 240-kimg StyleGAN2; `gamma1`: the R1-gamma-1 one) and each seed, `refine.py`
 runs as a user would run it, with the recipe given by `--recipe` (by default refine.py's own defaults) and the
 distance to the data measured by refine.py's own `--metrics` (`fd_fmnist`, `--num` samples, at the start and at every
 snapshot). Reported per GAN, as mean and spread over the seeds: the start, the best point (and where), the end, end /
@@ -10,8 +10,8 @@ Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured on
 Heun-18 samples that `--adv` trains against (drawn on first use).
 The targets of issue 23 are printed beside the results. A table, then one JSON object as the last line.
 
-    python bench/fmnist.py --seeds=0,1,2 --pixels-data=datasets/fmnist-32x32.zip --outdir=bench-out/fmnist \\
-        --recipe="--adv=1 --adv-lr=5e-4 --glr=1e-4 --lr=1e-4 --fake-warmup=1 --batch=128"
+    python bench/fmnist.py --gans=weak,well-trained,gamma1 --seeds=0,1,2 --pixels-data=datasets/fmnist-32x32.zip \\
+        --outdir=bench-out/fmnist      # refine.py's default recipe; --recipe="--recipe=official" for the release's
 """
 
 import glob
