@@ -90,8 +90,8 @@ def make_critic(c: dnnlib.EasyDict, original: dict, teacher: torch.nn.Module, la
 # leaves out keep the defaults --help shows, which are the official Diff-Instruct settings.
 RECIPES = {
     # IKL plus the data-free adversarial term, fast learning rates and a fitted fake score at the start: of the
-    # recipes measured on Fashion-MNIST it is the one that ends better than it started on both the weak and the
-    # well-trained GAN, and within 1.05x of its best (docs/refinement-fmnist.md, docs/benchmarks.md).
+    # recipes measured on Fashion-MNIST it is the one that keeps its gain, ending at 0.90-0.95x of the start on the
+    # three shipped GANs and within 1.04x of its best on average (docs/refinement-fmnist.md, docs/benchmarks.md).
     'ikl-adv': dict(glr=1e-4, lr=1e-4, fake_warmup=1.0, batch=128, adv=1.0, adv_lr=5e-4),
     'official': dict(),  # The official code's settings: IKL alone at lr 1e-5, no warm-up.
 }
