@@ -118,14 +118,13 @@ def metric_name(num: int) -> str:
 
 
 def refine(gan: str, teacher: str, data: str, num: int, kimg: float, seed: int, recipe: List[str], outdir: str) -> str:
-    """One refine.py run as a user would start it; returns its run directory."""
-    before = set(glob.glob(os.path.join(outdir, '*')))
+    """One refine.py run as a user would start it; returns its run directory (found by its seed, so benchmarks of
+    other seeds may run beside it in the same --outdir)."""
     subprocess.run([sys.executable, os.path.join(ROOT, 'refine.py'), '--network', gan, '--teacher', teacher,
                     '--outdir', outdir, '--kimg', str(kimg), '--seed', str(seed), '--tick', '1', '--snap', '2',
                     '--metrics', metric_name(num), '--metrics-ref', data, '--detector', 'fmnist', '--no-progress'] + recipe,
                    check=True, cwd=ROOT)
-    run_dir, = set(glob.glob(os.path.join(outdir, '*'))) - before
-    return run_dir
+    return finished_runs(outdir)[seed]
 
 
 @click.command()
