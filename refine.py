@@ -74,7 +74,7 @@ def refine_snapshot(original: dict):
     return snapshot
 
 def make_critic(c: dnnlib.EasyDict, original: dict, teacher: torch.nn.Module, label_dim: int, opts) -> ikl.TeacherSampleCritic:
-    """`--adv`: the pickle's D against a cached bank of `--adv-bank` teacher samples (drawn on first use)."""
+    """`--adv`: the pickle's D against a bank of `--adv-bank` teacher samples (cached, shipped, or drawn once)."""
     D = original.get('D')
     if D is None:
         raise SetupError(f'--adv: {c.network} holds no discriminator D to train against the teacher\'s samples '
@@ -82,7 +82,10 @@ def make_critic(c: dnnlib.EasyDict, original: dict, teacher: torch.nn.Module, la
     if D.c_dim not in (0, label_dim):
         raise SetupError(f'--adv: the discriminator of {c.network} has {D.c_dim} classes but the teacher sees '
                          f'{label_dim}; an unconditional teacher cannot train a conditional D')
-    images, labels = teacher_bank(c.teacher, teacher, c.adv_bank, progress=not c.no_progress)
+    try:
+        images, labels = teacher_bank(c.teacher, teacher, c.adv_bank, progress=not c.no_progress)
+    except ValueError as err:
+        raise SetupError(f'--adv-bank: {err}') from None
     D = original['D'] = rebuild_network(D).train().requires_grad_(True)  # Snapshots export this trained D.
     return ikl.TeacherSampleCritic(DiscriminatorCritic(D), images, labels, opts)
 
@@ -176,7 +179,7 @@ Examples:
 @click.option('--adv-lr', type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True, help='--adv: D learning rate')
 @click.option('--adv-r1', type=FiniteFloatRange(min=0), default=0.01, show_default=True, help='--adv: R1 weight on the teacher samples')
 @click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
-              help='--adv: teacher samples in the bank (drawn once, cached per teacher file)')
+              help='--adv: teacher samples in the bank (drawn once and cached per teacher file, or shipped beside it)')
 @cli.engine_options
 def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""

@@ -20,7 +20,7 @@ EMBEDDED = os.path.join(ROOT, 'embedded')
 FILES = dict(gan='fmnist-stylegan2.pkl', gan240='fmnist-stylegan2-240kimg.pkl',
              gan_gamma1='fmnist-stylegan2-gamma1-160kimg.pkl', teacher='fmnist-edm.pkl',
              teacher492='fmnist-edm-492kimg.pkl', student='fmnist-onestep.pkl',
-             ref='fmnist-32x32-fmnist.npz')
+             ref='fmnist-32x32-fmnist.npz', bank='fmnist-edm-492kimg-bank-n10000-heun18-seed0.npz')
 
 
 def path(kind):
@@ -73,6 +73,20 @@ def test_embedded_reference_statistics_match_real_images():
                                                batch_size=100)[0]['results'].values()))
     real, noise = fd(BankAdapter(((x + 1) * 127.5).round().to(torch.uint8))), fd(NoiseAdapter())
     assert real < 5 and noise > 20 * real, (real, noise)
+
+
+def test_the_shipped_teacher_bank_is_the_492kimg_teachers_and_looks_like_the_data():
+    """refine.py --adv finds the bank beside its teacher (no drawing); its classes are balanced and its images
+    are as close to the training set's statistics as real test images are."""
+    from pipelines.critic import load_shipped_bank, shipped_bank_path
+    assert shipped_bank_path(path('teacher492'), 10000, 18, 0) == path('bank')
+    images, labels = load_shipped_bank(path('bank'), path('teacher492'), 10000, 10)
+    assert images.shape == (10000, 1, 32, 32)
+    assert labels.argmax(1).tolist()[:20] == list(range(10)) * 2 and labels.sum(0).tolist() == [1000.0] * 10
+    pixels = ((images[:300].float() + 1) * 127.5).round().to(torch.uint8)
+    fd = next(iter(compute_metrics(['fid300'], BankAdapter(pixels), StatsFileReference(path('ref')),
+                                   detector=load_detector('fmnist'), num_gen=300, batch_size=100)[0]['results'].values()))
+    assert fd < 5, fd
 
 
 def test_one_reader_for_every_generator_kind_and_a_clear_refusal_of_the_wrong_one():

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import ikl
 import refine
-from pipelines.critic import bank_cache_path, teacher_bank
+from teachers import load as teachers_load
+from pipelines.critic import bank_cache_path, export_bank, shipped_bank_path, teacher_bank
 from stylegan2.pickles import load_network_pkl, save_network_pkl
 from teachers.analytic import ring8
 from test_ikl_engine import OPTS, _networks
@@ -179,6 +180,36 @@ def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, file
     for key in ('G', 'G_ema', 'D'):
         for pa, pb in zip(after[key].parameters(), b[key].parameters()):
             assert torch.equal(pa, pb), key
+
+
+def test_a_bank_shipped_beside_its_teacher_replaces_drawing(tmp_path, files, monkeypatch):
+    """The exported bank loads as the drawn one to 8-bit precision, without a teacher; another teacher's is refused."""
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    teacher = str(tmp_path / 'teacher.pkl')
+    with open(files['teacher8_cond'], 'rb') as src, open(teacher, 'wb') as dst:
+        dst.write(src.read())
+    drawn, labels = teacher_bank(teacher, teachers_load(teacher), 6)
+    shipped = shipped_bank_path(teacher, 6, 18, 0)
+    assert shipped == str(tmp_path / 'teacher-bank-n6-heun18-seed0.npz')
+    export_bank(shipped, teacher, drawn, labels)
+    os.remove(bank_cache_path(teacher, 6, 18, 0))
+
+    class NoSampling(torch.nn.Module):
+        label_dim = 3
+    images, got_labels = teacher_bank(teacher, NoSampling(), 6)
+    assert images.dtype == drawn.dtype and images.shape == drawn.shape and torch.equal(got_labels, labels)
+    assert (images.float() - drawn.float().clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-3
+    assert not os.path.exists(bank_cache_path(teacher, 6, 18, 0))  # Read in place, not copied to the cache.
+
+    torch.manual_seed(123)
+    other = write_teacher(tmp_path / 'other.pkl', label_dim=3)  # Same shape, other weights.
+    os.replace(shipped, shipped_bank_path(other, 6, 18, 0))
+    with pytest.raises(ValueError, match='another teacher'):
+        teacher_bank(other, NoSampling(), 6)
+    result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', other, '--adv', '1', '--adv-bank', '6',
+                                  '--outdir', str(tmp_path / 'runs'), '--kimg', '0.004'] + REFINE_FAST)
+    assert result.exit_code != 0 and '--adv-bank:' in result.output and 'another teacher' in result.output
+    assert 'Traceback' not in result.output
 
 
 def test_refine_adv_errors_are_one_line(tmp_path, files):
