@@ -195,17 +195,21 @@ def test_refine_conditional_generator_with_unconditional_teacher_dry_run(files):
 
 def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     """--recipe's bundle applies to every option not given; an option given wins; `official` is the shown defaults."""
-    keys = ('glr', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr')
+    keys = ('glr', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr', 'adv_r1', 'adv_bank')
     def resolved(*extra):
         result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
         assert result.exit_code == 0, result.output
         config = json.loads(result.output)
         return {k: config[k] for k in keys}, config['resolved']['ikl']
     default, engine = resolved()
-    assert default == dict(refine.RECIPES['ikl-adv'])
-    assert engine['adv_weight'] == 1.0 and engine['g_lr'] == 1e-4 and engine['batch'] == 128
+    assert default == dict(refine.RECIPES['ikl-gan'])
+    assert engine['adv_weight'] == 10.0 and engine['g_lr'] == 1e-3 and engine['batch'] == 32
+    assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0
+    slow, engine = resolved('--recipe', 'ikl-adv')
+    shown = {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
+    assert slow == dict(shown, **refine.RECIPES['ikl-adv']) and engine['adv_weight'] == 1.0 and engine['batch'] == 128
     official, engine = resolved('--recipe', 'official')
-    assert official == {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
+    assert official == shown
     assert engine['adv_weight'] == 0 and engine['g_lr'] == 1e-5 and engine['fake_warmup_kimg'] == 0
     overridden, _ = resolved('--glr', '3e-4', '--adv', '0')
     assert overridden == dict(default, glr=3e-4, adv=0.0)
