@@ -6,8 +6,8 @@ distance to the data measured by refine.py's own `--metrics` (`fd_fmnist`, `--nu
 snapshot). Reported per GAN, as mean and spread over the seeds: the start, the best point (and where), the end, end /
 start, end / best, the share of the gap to the teacher closed at the end, (start - end) / (start - teacher), and,
 with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness and the
-Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on the same cached bank of its
-Heun-18 samples that `--adv` trains against (drawn on first use).
+Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on a cached bank of `--num` of
+its Heun-18 samples, the bank `--adv --adv-bank=<num>` would train against (drawn on first use).
 The targets of issue 23 are printed beside the results. A table, then one JSON object as the last line.
 
     python bench/fmnist.py --gans=weak,well-trained,gamma1 --seeds=0,1,2 --pixels-data=datasets/fmnist-32x32.zip \\
@@ -154,7 +154,7 @@ def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, exi
     teacher, data, outdir = (os.path.abspath(p) for p in (teacher, data, outdir))
     os.makedirs(outdir, exist_ok=True)
 
-    bank, _ = teacher_bank(teacher, teachers.load(teacher, device=device), num)  # Cached; --adv draws the same.
+    bank, _ = teacher_bank(teacher, teachers.load(teacher, device=device), num)  # Cached; --adv-bank=<num> uses the same.
     teacher_fd = float(next(iter(compute_metrics([metric_name(num)], BankSamples(bank.to(device)), data, detector='fmnist',
                                                  device=device)[0]['results'].values())))
     print(f'teacher (Heun 18): fd_fmnist {teacher_fd:.3f} with {num} samples', flush=True)
