@@ -17,6 +17,7 @@ import tqdm
 
 import dnnlib
 from teachers.sampling import edm_sampler
+from torch_utils.images import to_uint8
 from training.run import atomic_write, counter_seed
 
 from .generators import network_identity, resize_images
@@ -74,7 +75,7 @@ def shipped_bank_path(teacher_path: str, num: int, num_steps: int, seed: int) ->
 
 def export_bank(path: str, teacher_path: str, images: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
     """Write a bank as 8-bit images, class indices and the teacher's content hash (checked on loading)."""
-    pixels = (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy()
+    pixels = to_uint8(images).cpu().numpy()
     arrays = dict(images=pixels, teacher=np.array(network_identity(teacher_path)))
     if labels is not None:
         arrays['labels'] = labels.argmax(1).numpy().astype(np.int64)
