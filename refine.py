@@ -185,8 +185,6 @@ Examples:
 @click.option('--adv-r1', type=FiniteFloatRange(min=0), default=0.01, show_default=True, help='--adv: R1 weight on the teacher samples')
 @click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
               help='--adv: teacher samples in the bank (drawn once and cached per teacher file, or shipped beside it)')
-@click.option('--adv-rampup', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
-              help='--adv: raise its weight linearly from 0 over the first N kimg of generator updates')
 @cli.engine_options
 def main(resume, dry_run, **kwargs):
     """Refine a StyleGAN2 generator with a diffusion teacher (data-free Diff-Instruct)."""

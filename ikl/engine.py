@@ -168,16 +168,6 @@ class Trainer:
             factor *= 0.5 - 0.5 * math.cos(math.pi * left)
         return factor
 
-    def adv_factor(self) -> float:
-        """The critic's weight relative to `adv_weight`: a linear ramp over the generator's first `adv_rampup_kimg`
-        (counted from the end of the fake warm-up, this step's images included). Restarted against a fresh
-        critic, the generator is first thrown off by it at full weight; IKL alone is not."""
-        o = self.opts
-        if o.adv_rampup_kimg <= 0:
-            return 1.0
-        shown = self.cur_nimg + o.batch - o.fake_warmup_kimg * 1000
-        return min(max(shown, 0) / (o.adv_rampup_kimg * 1000), 1.0)
-
     def update(self, params, optimizer, scaler: LossScaler, lr: float, name: str) -> Union[bool, torch.Tensor]:
         """One guarded update of `params` (see `ikl.updates.apply_update`; a device flag where it decides there)."""
         return apply_update(params, optimizer, scaler, lr, name, self.world, self.opts.max_skipped_in_row)
@@ -216,8 +206,7 @@ class Trainer:
                 loss = self.divergence.generator_loss(x0, labels, self.teacher, self.fake_score, gen, **kwargs)
                 total = loss.sum() * self.g_scaler.factor(o.g_loss_scale / o.batch)
             if self.critic is not None:
-                total = total + (self.critic.generator_loss(x0, labels).sum() * self.adv_factor()
-                                 * self.g_scaler.factor(o.g_loss_scale / o.batch))
+                total = total + self.critic.generator_loss(x0, labels).sum() * self.g_scaler.factor(o.g_loss_scale / o.batch)
             total.backward()
             samples.append((x0.detach(), None if labels is None else labels.detach()))
         self.teacher.eval()

@@ -50,7 +50,6 @@ class TrainingOptions:
     adv_betas: tuple = (0.0, 0.99)  # ...and betas (StyleGAN2's).
     adv_r1_gamma: float = 0.01      # R1 weight on the teacher samples.
     adv_r1_interval: int = 4        # Lazy R1: every N critic steps, with gain N.
-    adv_rampup_kimg: float = 0.0    # Raise adv_weight linearly from 0 over the generator's first N kimg (0: none).
     # Optimisers.
     g_lr: float = 1e-5
     fake_lr: float = 1e-5
@@ -116,9 +115,9 @@ class TrainingOptions:
         if self.adv_weight < 0 or self.adv_r1_gamma < 0 or self.adv_r1_interval < 1:
             raise ValueError('training options: adv_weight >= 0, adv_r1_gamma >= 0 and adv_r1_interval >= 1 are required')
         if (self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0
-                or min(self.fake_warmup_kimg, self.lr_warmup_kimg, self.lr_rampdown_kimg, self.adv_rampup_kimg) < 0):
+                or min(self.fake_warmup_kimg, self.lr_warmup_kimg, self.lr_rampdown_kimg) < 0):
             raise ValueError('training options: fake_steps >= 1, total_kimg > 0, tick_kimg > 0 and fake_warmup_kimg, '
-                             'lr_warmup_kimg, lr_rampdown_kimg, adv_rampup_kimg >= 0 are required')
+                             'lr_warmup_kimg, lr_rampdown_kimg >= 0 are required')
 
 
 def build_divergence(opts: TrainingOptions) -> Divergence:
