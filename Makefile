@@ -23,11 +23,11 @@ test: venv
 	$(PY) -m pytest tests experiments -q
 
 # The main job on the embedded default: the shipped well-trained Fashion-MNIST StyleGAN2 (240 kimg) refined by the
-# shipped 492-kimg EDM teacher on the CPU in about 3 minutes. refine.py's default recipe (ikl-adv) gains over 10-20
-# kimg, longer than a demo: this runs the short-horizon setting whose gain comes in its first kimg (IKL alone, the
-# official noise law at glr = lr = 1e-4 after a 1-kimg fake-score warm-up). It prints the Frechet distance (offline
-# detector) at the start and at every 0.5 kimg, keeps the best snapshot, and draws curves.png; every run gets a new
-# directory under demo-out/.
+# shipped 492-kimg EDM teacher on the CPU in about 3 minutes. refine.py's default recipe (ikl-gan) gains over 10-20
+# kimg after a swing in its first kimg, longer than a demo: this runs the short-horizon setting whose gain comes in
+# its first kimg (IKL alone, the official noise law at glr = lr = 1e-4 after a 1-kimg fake-score warm-up). It
+# prints the Frechet distance (offline detector) at the start and at every 0.5 kimg, keeps the best snapshot, and
+# draws curves.png; every run gets a new directory under demo-out/.
 DEMO_KIMG ?= 2
 demo: venv
 	$(PY) refine.py --network=embedded/fmnist-stylegan2-240kimg.pkl --teacher=embedded/fmnist-edm-492kimg.pkl \
