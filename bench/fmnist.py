@@ -30,8 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from metrics import compute_metrics  # noqa: E402
-from metrics.pixels import pixel_frechet_distance, pooled_pixels  # noqa: E402
-from metrics.images import generator_output_to_uint8  # noqa: E402
+from metrics.pixels import pixel_summary, pooled_pixels  # noqa: E402
 import teachers  # noqa: E402
 from pipelines import generators  # noqa: E402
 from pipelines.critic import teacher_bank  # noqa: E402
@@ -74,16 +73,6 @@ def summarise(curve: List[Dict], teacher_fd: float) -> Dict:
 def mean_spread(values: List[float]) -> str:
     values = np.asarray(values, dtype=np.float64)
     return f'{values.mean():.3f}' + (f' ± {values.std(ddof=1):.3f}' if len(values) > 1 else '')
-
-
-@torch.no_grad()
-def pixel_summary(generator, num: int, data_pixels: np.ndarray, seed: int = 0) -> Dict:
-    """Mean brightness and the 8x8 pixel Frechet distance to the data of `num` samples."""
-    gen = torch.Generator(device=generator.device).manual_seed(seed)
-    images = torch.cat([generator_output_to_uint8(generator.sample(min(250, num - start), gen)[0]).cpu()
-                        for start in range(0, num, 250)])
-    return dict(brightness=float(images.float().mean() / 255),
-                fd_pixels=pixel_frechet_distance(pooled_pixels(images), data_pixels))
 
 
 class BankSamples:

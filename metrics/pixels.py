@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from . import formulas
+from .images import generator_output_to_uint8
 
 
 @torch.no_grad()
@@ -35,3 +36,14 @@ def pooled_pixels(images_uint8: torch.Tensor, size: int = 8) -> np.ndarray:
 def pixel_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between two sets of pooled pixels ([N, D] each)."""
     return formulas.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+@torch.no_grad()
+def pixel_summary(generator, num: int, data_pixels: np.ndarray, batch: int = 250, seed: int = 0) -> Dict[str, float]:
+    """Mean brightness in [0, 1] and the pooled-pixel Frechet distance to `data_pixels` (`pooled_pixels` of real
+    images) of `num` samples of `generator` drawn with a fixed seed, as 8-bit images like every metric sees them."""
+    gen = torch.Generator(device=generator.device).manual_seed(seed)
+    images = torch.cat([generator_output_to_uint8(generator.sample(min(batch, num - start), gen)[0]).cpu()
+                        for start in range(0, num, batch)])
+    return dict(brightness=float(images.float().mean() / 255),
+                fd_pixels=pixel_frechet_distance(pooled_pixels(images), data_pixels))

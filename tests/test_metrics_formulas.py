@@ -215,3 +215,25 @@ def test_pixel_statistics_match_a_direct_computation():
     assert abs(stats['pixel_mean'] - float(x.mean())) < 1e-9
     assert abs(stats['pixel_std'] - float(x.std(unbiased=False))) < 1e-9
     assert abs(stats['pixel_contrast'] - float(x.flatten(1).std(dim=1).mean())) < 1e-9
+
+
+def test_pixel_summary_matches_a_direct_computation():
+    from metrics.pixels import pixel_summary, pooled_pixels
+
+    class Fixed:
+        device = torch.device('cpu')
+
+        def sample(self, n, gen):
+            return torch.rand([n, 1, 16, 16], generator=gen) * 2 - 1, None
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0.3, 0.7, size=(400, 64))
+    got = pixel_summary(Fixed(), num=300, data_pixels=data, batch=128, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([Fixed().sample(n, gen)[0] for n in (128, 128, 44)])
+    images = (x * 127.5 + 128).clamp(0, 255).floor().to(torch.uint8)  # 8 bits, as every metric sees samples
+    pooled = (images.double().reshape(300, 1, 8, 2, 8, 2).mean((3, 5)).reshape(300, 64) / 255).numpy()
+    assert np.allclose(pooled, pooled_pixels(images))
+    want = _fid_independent(pooled.mean(0), np.cov(pooled, rowvar=False), data.mean(0), np.cov(data, rowvar=False))
+    assert abs(got['brightness'] - float(images.double().mean() / 255)) < 1e-6  # float32 mean
+    assert got['fd_pixels'] == pytest.approx(want, rel=1e-6)

@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from metrics import compute_metrics  # noqa: E402
-from metrics.images import generator_output_to_uint8  # noqa: E402
-from metrics.pixels import pixel_frechet_distance, pooled_pixels  # noqa: E402
+from metrics.pixels import pixel_summary, pooled_pixels  # noqa: E402
 from pipelines import generators  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.run import kimg_files  # noqa: E402
@@ -37,13 +36,6 @@ def average_into(adapter, paths) -> None:
     for name, tensor in adapter.G.state_dict().items():
         if tensor.is_floating_point():
             tensor.copy_(torch.stack([n.state_dict()[name].float() for n in nets]).mean(0).to(tensor.dtype))
-
-
-@torch.no_grad()
-def pixel_distance(adapter, num: int, data_pixels: np.ndarray) -> float:
-    gen = torch.Generator().manual_seed(0)
-    images = torch.cat([generator_output_to_uint8(adapter.sample(min(250, num - s), gen)[0]) for s in range(0, num, 250)])
-    return pixel_frechet_distance(pooled_pixels(images), data_pixels)
 
 
 @click.command()
@@ -70,7 +62,7 @@ def main(run_dir, from_kimg, num, data, pixels_data):
         fd = next(iter(compute_metrics([metric], adapter, data, detector='fmnist')[0]['results'].values()))
         line = f'{label:<8} kimg {kimgs:<40} fd {fd:.3f}'
         if data_pixels is not None:
-            line += f'   fd_pixels {pixel_distance(adapter, num, data_pixels):.4f}'
+            line += f"   fd_pixels {pixel_summary(adapter, num, data_pixels)['fd_pixels']:.4f}"
         print(line, flush=True)
 
 
