@@ -30,11 +30,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from metrics import compute_metrics  # noqa: E402
-from metrics.pixels import pixel_summary, pooled_pixels  # noqa: E402
+from metrics.metric_main import fid_full_name  # noqa: E402
+from metrics.pixels import dataset_pixels, pixel_summary  # noqa: E402
 import teachers  # noqa: E402
 from pipelines import generators  # noqa: E402
 from pipelines.critic import teacher_bank  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
 from training.plots import record_kimg  # noqa: E402
 from training.run import load_options  # noqa: E402
 
@@ -102,16 +102,12 @@ def finished_runs(outdir: str) -> Dict[int, str]:
     return found
 
 
-def metric_name(num: int) -> str:
-    return f'fid{num // 1000}k_full' if num % 1000 == 0 else f'fid{num}_full'
-
-
 def refine(gan: str, teacher: str, data: str, num: int, kimg: float, seed: int, recipe: List[str], outdir: str) -> str:
     """One refine.py run as a user would start it; returns its run directory (found by its seed, so benchmarks of
     other seeds may run beside it in the same --outdir)."""
     subprocess.run([sys.executable, os.path.join(ROOT, 'refine.py'), '--network', gan, '--teacher', teacher,
                     '--outdir', outdir, '--kimg', str(kimg), '--seed', str(seed), '--tick', '1', '--snap', '2',
-                    '--metrics', metric_name(num), '--metrics-ref', data, '--detector', 'fmnist', '--no-progress'] + recipe,
+                    '--metrics', fid_full_name(num), '--metrics-ref', data, '--detector', 'fmnist', '--no-progress'] + recipe,
                    check=True, cwd=ROOT)
     return finished_runs(outdir)[seed]
 
@@ -144,14 +140,12 @@ def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, exi
     os.makedirs(outdir, exist_ok=True)
 
     bank, _ = teacher_bank(teacher, teachers.load(teacher, device=device), num)  # Cached; --adv-bank=<num> uses the same.
-    teacher_fd = float(next(iter(compute_metrics([metric_name(num)], BankSamples(bank.to(device)), data, detector='fmnist',
+    teacher_fd = float(next(iter(compute_metrics([fid_full_name(num)], BankSamples(bank.to(device)), data, detector='fmnist',
                                                  device=device)[0]['results'].values())))
     print(f'teacher (Heun 18): fd_fmnist {teacher_fd:.3f} with {num} samples', flush=True)
     data_pixels = None
     if pixels_data:
-        images, _ = ImageFolderDataset(pixels_data).load_all()
-        pick = np.random.default_rng(0).permutation(len(images))[:max(num, 10000)]
-        data_pixels = pooled_pixels(torch.from_numpy(images[pick]))
+        data_pixels = dataset_pixels(pixels_data, max(num, 10000))
 
     results = {}
     for name, gan in pairs:

@@ -46,6 +46,11 @@ def _format_count(num: int) -> str:
     return f'{num // 1000}k' if num % 1000 == 0 else str(num)
 
 
+def fid_full_name(num: int) -> str:
+    """The distance against every real image with `num` generated ones: 5000 -> 'fid5k_full', 2500 -> 'fid2500_full'."""
+    return f'fid{_format_count(num)}_full'
+
+
 def parse_metric(name: str, num_gen: Optional[int] = None, detector_name: Optional[str] = None) -> MetricSpec:
     """'fid50k_full' -> MetricSpec; `num_gen` overrides the count (and the name follows), `detector_name` renames."""
     match = _NAME_RE.fullmatch(name.strip())

@@ -8,6 +8,7 @@ import torch
 
 from . import formulas
 from .images import generator_output_to_uint8
+from training.dataset import ImageFolderDataset
 
 
 @torch.no_grad()
@@ -47,3 +48,9 @@ def pixel_summary(generator, num: int, data_pixels: np.ndarray, batch: int = 250
                         for start in range(0, num, batch)])
     return dict(brightness=float(images.float().mean() / 255),
                 fd_pixels=pixel_frechet_distance(pooled_pixels(images), data_pixels))
+
+
+def dataset_pixels(path: str, num: int = 10000, seed: int = 0) -> np.ndarray:
+    """`pooled_pixels` of `num` images of the dataset at `path` picked at random with a fixed seed."""
+    images, _ = ImageFolderDataset(path).load_all()
+    return pooled_pixels(torch.from_numpy(images[np.random.default_rng(seed).permutation(len(images))[:num]]))

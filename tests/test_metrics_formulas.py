@@ -237,3 +237,17 @@ def test_pixel_summary_matches_a_direct_computation():
     want = _fid_independent(pooled.mean(0), np.cov(pooled, rowvar=False), data.mean(0), np.cov(data, rowvar=False))
     assert abs(got['brightness'] - float(images.double().mean() / 255)) < 1e-6  # float32 mean
     assert got['fd_pixels'] == pytest.approx(want, rel=1e-6)
+
+
+def test_dataset_pixels_are_a_fixed_random_pick_of_the_pooled_images(tmp_path):
+    from metrics.pixels import dataset_pixels, pooled_pixels
+    from training.dataset import ImageFolderDataset
+    import PIL.Image
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        PIL.Image.fromarray(rng.integers(0, 256, size=(16, 16), dtype=np.uint8)).save(tmp_path / f'{i:02d}.png')
+    images, _ = ImageFolderDataset(str(tmp_path)).load_all()
+    got = dataset_pixels(str(tmp_path), num=5, seed=3)
+    want = pooled_pixels(torch.from_numpy(images[np.random.default_rng(3).permutation(12)[:5]]))
+    assert got.shape == (5, 64) and np.array_equal(got, want)
+    assert not np.array_equal(got, pooled_pixels(torch.from_numpy(images[:5])))

@@ -13,14 +13,13 @@ import os
 import sys
 
 import click
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from metrics import compute_metrics  # noqa: E402
-from metrics.pixels import pixel_summary, pooled_pixels  # noqa: E402
+from metrics.metric_main import fid_full_name  # noqa: E402
+from metrics.pixels import dataset_pixels, pixel_summary  # noqa: E402
 from pipelines import generators  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
 from training.run import kimg_files  # noqa: E402
 
 
@@ -49,11 +48,8 @@ def main(run_dir, from_kimg, num, data, pixels_data):
     found = snapshots(run_dir, from_kimg)
     if len(found) < 2:
         raise click.ClickException(f'{run_dir}: fewer than two snapshots at or after {from_kimg} kimg')
-    metric = f'fid{num // 1000}k_full' if num % 1000 == 0 else f'fid{num}_full'  # Named fd_fmnist* in its results.
-    data_pixels = None
-    if pixels_data:
-        images, _ = ImageFolderDataset(pixels_data).load_all()
-        data_pixels = pooled_pixels(torch.from_numpy(images[np.random.default_rng(0).permutation(len(images))[:10000]]))
+    metric = fid_full_name(num)  # Named fd_fmnist* in its results.
+    data_pixels = dataset_pixels(pixels_data) if pixels_data else None
     rows = [('last', f'{found[-1][0]:g}', [found[-1][1]]),
             ('average', ','.join(f'{k:g}' for k, _ in found), [p for _, p in found])]
     for label, kimgs, paths in rows:
