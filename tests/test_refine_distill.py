@@ -215,6 +215,18 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     assert overridden == dict(default, glr=3e-4, adv=0.0)
 
 
+def test_refine_generator_adam_betas_reach_the_engine(files):
+    """--g-beta1/--g-beta2 become the generator's Adam betas; unset, beta2 keeps its long memory (0.999)."""
+    def betas(*extra):
+        result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)['resolved']['ikl']['g_betas']
+    assert betas() == [0.0, 0.999]
+    assert betas('--g-beta2', '0.99', '--g-beta1', '0.5') == [0.5, 0.99]
+    result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', '--g-beta2', '1'])
+    assert result.exit_code != 0 and '--g-beta2' in result.output
+
+
 def test_refine_bad_files_and_outdir(tmp_path, files):
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(b'not a pickle at all')
