@@ -195,7 +195,8 @@ def test_refine_conditional_generator_with_unconditional_teacher_dry_run(files):
 
 def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     """--recipe's bundle applies to every option not given; an option given wins; `official` is the shown defaults."""
-    keys = ('glr', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr', 'adv_r1', 'adv_bank')
+    keys = ('glr', 'warmup', 'g_beta2', 'ema', 'ema_rampup', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr', 'adv_r1',
+            'adv_bank')
     def resolved(*extra):
         result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
         assert result.exit_code == 0, result.output
@@ -203,7 +204,9 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
         return {k: config[k] for k in keys}, config['resolved']['ikl']
     default, engine = resolved()
     assert default == dict(refine.RECIPES['ikl-gan'])
-    assert engine['adv_weight'] == 10.0 and engine['g_lr'] == 1e-3 and engine['batch'] == 32
+    assert engine['adv_weight'] == 10.0 and engine['g_lr'] == 2e-3 and engine['batch'] == 32
+    assert engine['g_betas'] == [0.0, 0.99] and engine['lr_warmup_kimg'] == 2.0
+    assert engine['ema_halflife_kimg'] == 3.0 and engine['ema_rampup_ratio'] == 0.25
     assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0
     slow, engine = resolved('--recipe', 'ikl-adv')
     shown = {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
@@ -216,13 +219,13 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
 
 
 def test_refine_generator_adam_betas_reach_the_engine(files):
-    """--g-beta1/--g-beta2 become the generator's Adam betas; unset, beta2 keeps its long memory (0.999)."""
+    """--g-beta1/--g-beta2 become the generator's Adam betas; unset (and no recipe sets it), beta2 is 0.999."""
     def betas(*extra):
         result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
         assert result.exit_code == 0, result.output
         return json.loads(result.output)['resolved']['ikl']['g_betas']
-    assert betas() == [0.0, 0.999]
-    assert betas('--g-beta2', '0.99', '--g-beta1', '0.5') == [0.5, 0.99]
+    assert betas('--recipe', 'official') == [0.0, 0.999]
+    assert betas('--recipe', 'official', '--g-beta2', '0.99', '--g-beta1', '0.5') == [0.5, 0.99]
     result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', '--g-beta2', '1'])
     assert result.exit_code != 0 and '--g-beta2' in result.output
 
