@@ -193,14 +193,19 @@ def test_refine_conditional_generator_with_unconditional_teacher_dry_run(files):
     assert resolved['teacher_sees_labels'] is False and resolved['generator']['classes'] == 3
 
 
+def refine_dry_run(files, *extra):
+    """The configuration `refine.py --dry-run` resolves for the tiny 16 px generator and 8 px teacher."""
+    result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
 def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     """--recipe's bundle applies to every option not given; an option given wins; `official` is the shown defaults."""
     keys = ('glr', 'warmup', 'g_beta2', 'ema', 'ema_rampup', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr', 'adv_r1',
             'adv_bank')
     def resolved(*extra):
-        result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
-        assert result.exit_code == 0, result.output
-        config = json.loads(result.output)
+        config = refine_dry_run(files, *extra)
         return {k: config[k] for k in keys}, config['resolved']['ikl']
     default, engine = resolved()
     assert default == dict(refine.RECIPES['ikl-gan'])
@@ -220,10 +225,7 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
 
 def test_refine_generator_adam_betas_reach_the_engine(files):
     """--g-beta1/--g-beta2 become the generator's Adam betas; unset (and no recipe sets it), beta2 is 0.999."""
-    def betas(*extra):
-        result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', *extra])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.output)['resolved']['ikl']['g_betas']
+    betas = lambda *extra: refine_dry_run(files, *extra)['resolved']['ikl']['g_betas']
     assert betas('--recipe', 'official') == [0.0, 0.999]
     assert betas('--recipe', 'official', '--g-beta2', '0.99', '--g-beta1', '0.5') == [0.5, 0.99]
     result = invoke(refine.main, ['--network', files['g16'], '--teacher', files['teacher8'], '--dry-run', '--g-beta2', '1'])
