@@ -5,8 +5,8 @@ runs as a user would run it, with the recipe given by `--recipe` (by default ref
 distance to the data measured by refine.py's own `--metrics` (`fd_fmnist`, `--num` samples, at the start and at every
 snapshot). Reported per GAN, as mean and spread over the seeds: the start, the best point (and where), the end, end /
 start, end / best, the share of the gap to the teacher closed at the end, (start - end) / (start - teacher), and,
-with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness and the
-Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on a cached bank of `--num` of
+with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness, its spread
+over images, and the Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on a cached bank of `--num` of
 its Heun-18 samples, the bank `--adv --adv-bank=<num>` would train against (drawn on first use).
 The targets of issue 23 are printed beside the results. A table, then one JSON object as the last line.
 
@@ -182,11 +182,11 @@ def main(gans, teacher, data, pixels_data, num, kimg, seeds, recipe, outdir, exi
         goal = '' if target is None else f'end/start <= {target}, end/best <= {END_OVER_BEST}'
         print(f'{name:<13} ' + ' '.join(f'{c:>14}' for c in cells) + f'  {goal}')
     if data_pixels is not None:
-        data_brightness = float(data_pixels.mean())
-        print(f'\npixel statistics (data brightness {data_brightness:.3f}; the 8x8 pixel distance of the data to itself is ~0)')
+        print(f'\npixel statistics (data: brightness {float(data_pixels.mean()):.3f}, its spread over images '
+              f'{float(data_pixels.mean(1).std()):.3f}; the 8x8 pixel distance of the data to itself is ~0)')
         for name, runs in results.items():
-            for key in ('brightness', 'fd_pixels'):
-                print(f'{name:<13} {key:<11} start {mean_spread([r["pixels_start"][key] for r in runs]):>16}   '
+            for key in ('brightness', 'brightness_spread', 'fd_pixels'):
+                print(f'{name:<13} {key:<17} start {mean_spread([r["pixels_start"][key] for r in runs]):>16}   '
                       f'end {mean_spread([r["pixels_end"][key] for r in runs]):>16}')
     print(json.dumps(dict(benchmark='fmnist_refine', num=num, kimg=kimg, seeds=seeds, recipe=recipe, teacher_fd=teacher_fd,
                           targets=TARGETS, results=results)))

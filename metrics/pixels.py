@@ -41,12 +41,15 @@ def pixel_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def pixel_summary(generator, num: int, data_pixels: np.ndarray, batch: int = 250, seed: int = 0) -> Dict[str, float]:
-    """Mean brightness in [0, 1] and the pooled-pixel Frechet distance to `data_pixels` (`pooled_pixels` of real
-    images) of `num` samples of `generator` drawn with a fixed seed, as 8-bit images like every metric sees them."""
+    """Mean brightness in [0, 1], its spread over images (the standard deviation of per-image brightness: how much
+    of the frame the objects fill varies; a generator that makes them more alike lowers it) and the pooled-pixel
+    Frechet distance to `data_pixels` (`pooled_pixels` of real images) of `num` samples of `generator` drawn with a
+    fixed seed, as 8-bit images like every metric sees them."""
     gen = torch.Generator(device=generator.device).manual_seed(seed)
     images = torch.cat([generator_output_to_uint8(generator.sample(min(batch, num - start), gen)[0]).cpu()
                         for start in range(0, num, batch)])
-    return dict(brightness=float(images.float().mean() / 255),
+    per_image = images.double().flatten(1).mean(1) / 255
+    return dict(brightness=float(images.float().mean() / 255), brightness_spread=float(per_image.std(unbiased=False)),
                 fd_pixels=pixel_frechet_distance(pooled_pixels(images), data_pixels))
 
 

@@ -236,6 +236,8 @@ def test_pixel_summary_matches_a_direct_computation():
     assert np.allclose(pooled, pooled_pixels(images))
     want = _fid_independent(pooled.mean(0), np.cov(pooled, rowvar=False), data.mean(0), np.cov(data, rowvar=False))
     assert abs(got['brightness'] - float(images.double().mean() / 255)) < 1e-6  # float32 mean
+    per_image = images.numpy().reshape(300, -1).astype(np.float64).mean(1) / 255
+    assert got['brightness_spread'] == pytest.approx(float(np.std(per_image)), rel=1e-9)
     assert got['fd_pixels'] == pytest.approx(want, rel=1e-6)
 
 
