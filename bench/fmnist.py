@@ -5,9 +5,10 @@ runs as a user would run it, with the recipe given by `--recipe` (by default ref
 distance to the data measured by refine.py's own `--metrics` (`fd_fmnist`, `--num` samples, at the start and at every
 snapshot). Reported per GAN, as mean and spread over the seeds: the start, the best point (and where), the end, end /
 start, end / best, the share of the gap to the teacher closed at the end, (start - end) / (start - teacher), and,
-with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness, its spread
-over images, and the Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on a cached bank of `--num` of
-its Heun-18 samples, the bank `--adv --adv-bank=<num>` would train against (drawn on first use).
+with `--pixels-data`, the plain pixel statistics of the start and the end against the data: mean brightness, its
+spread over images, and the Frechet distance of 8x8-pooled pixels. The teacher's own distance is measured once, on a
+cached bank of `--num` of its Heun-18 samples, the bank `--adv --adv-bank=<num>` would train against (drawn on first
+use).
 The targets of issue 23 are printed beside the results. A table, then one JSON object as the last line.
 
     python bench/fmnist.py --gans=weak,well-trained,gamma1 --seeds=0,1,2 --pixels-data=datasets/fmnist-32x32.zip \\
