@@ -49,7 +49,7 @@ def pixel_summary(generator, num: int, data_pixels: np.ndarray, batch: int = 250
     images = torch.cat([generator_output_to_uint8(generator.sample(min(batch, num - start), gen)[0]).cpu()
                         for start in range(0, num, batch)])
     per_image = images.double().flatten(1).mean(1) / 255
-    return dict(brightness=float(images.float().mean() / 255), brightness_spread=float(per_image.std(unbiased=False)),
+    return dict(brightness=float(per_image.mean()), brightness_spread=float(per_image.std(unbiased=False)),
                 fd_pixels=pixel_frechet_distance(pooled_pixels(images), data_pixels))
 
 
