@@ -131,6 +131,8 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_r
     adapter = StyleGAN2Adapter(G, resolution=teacher.img_resolution, label_dim=label_dim, truncation_psi=c.trunc,
                                noise_mode=c.noise_mode, trainable=c.train,
                                train_noise_strength=c.get('train_noise_strength', True))
+    if c.adv_pixels > 0 and c.adv == 0:
+        raise SetupError('--adv-pixels: the pull is towards the critic\'s bank of teacher samples; it needs --adv > 0')
     opts = cli.training_options(c)
     c.resolved = dict(generator=dict(resolution=G.img_resolution, channels=G.img_channels, classes=G.c_dim,
                                      trainable_params=sum(p.numel() for p in adapter.parameters() if p.requires_grad)),
@@ -185,6 +187,9 @@ Examples:
               help="Weight of the data-free adversarial term: the pickle's D trained on teacher samples (0: off)")
 @click.option('--adv-lr', type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True, help='--adv: D learning rate')
 @click.option('--adv-r1', type=FiniteFloatRange(min=0), default=0.01, show_default=True, help='--adv: R1 weight on the teacher samples')
+@click.option('--adv-pixels', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+              help="--adv: weight of the pull of the generator's pooled-pixel mean and covariance towards the bank's (0: off)")
+@click.option('--adv-pixels-res', type=click.IntRange(min=1), default=8, show_default=True, help='--adv-pixels: pooled image size')
 @click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
               help='--adv: teacher samples in the bank (drawn once and cached per teacher file, or shipped beside it)')
 @cli.engine_options

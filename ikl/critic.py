@@ -10,6 +10,12 @@ a GAN is not mode-seeking). It stays data-free: the "real" images are the teache
 Per iteration the critic costs one D forward+backward in the generator step (on the same x0) and one D step on
 the generator step's samples (detached) against a batch from the bank, with R1 on the bank images every
 `adv_r1_interval` steps (lazy, gain = interval).
+
+`PixelMoments` (`adv_pixel_weight > 0`) adds a second pull towards the same bank, on what neither term holds on
+its own: measured on Fashion-MNIST, IKL and the critic at GAN pace make the garments' sizes more alike (the
+spread of per-image brightness, the first principal component of the coarse pixels, narrows) while the detector's
+distance falls. It matches the mean and covariance of the generator's images average-pooled to a few pixels with
+the bank's.
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -25,13 +31,62 @@ from .updates import LossScaler
 Samples = Callable[[int], Tuple[torch.Tensor, Optional[torch.Tensor]]]  # accumulation round -> (x0, labels)
 
 
+class PixelMoments:
+    """The mean and covariance of `res` x `res`-pooled images, the generator's against the bank's.
+
+    loss = |m - m_bank|^2 / tr(S_bank) + |S - S_bank|_F^2 / |S_bank|_F^2, both terms relative to the bank's own
+    size. A batch of 32 estimates a 64-dimensional covariance poorly (its rank is at most 31), so the loss's value
+    uses running moments, an exponential average of the batches with a half-life of `halflife_kimg` thousand
+    samples (bias-corrected like Adam's), while its gradient flows through the current batch's moments: each sample
+    is moved as it would be by the loss of the running moments, of which it is a part.
+    """
+
+    def __init__(self, bank: torch.Tensor, res: int, halflife_kimg: float):
+        self.res = res
+        self.halflife = halflife_kimg * 1000
+        pooled = self._pool(bank.double())
+        self.bank_mean = pooled.mean(0)
+        self.bank_cov = torch.cov(pooled.T, correction=0)
+        self.mean_scale = float(self.bank_cov.trace())
+        self.cov_scale = float(self.bank_cov.square().sum())
+        if self.mean_scale <= 0:
+            raise ValueError('critic: the teacher bank has no pixel variance to match (all images alike)')
+        dim = len(self.bank_mean)
+        self.moments = dict(first=torch.zeros(dim, dtype=torch.float64), second=torch.zeros(dim, dim, dtype=torch.float64),
+                            weight=torch.zeros([], dtype=torch.float64))
+
+    def _pool(self, img: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(img, self.res).flatten(1)
+
+    def to(self, device: torch.device) -> 'PixelMoments':
+        self.bank_mean, self.bank_cov = self.bank_mean.to(device), self.bank_cov.to(device)
+        self.moments = {k: v.to(device) for k, v in self.moments.items()}
+        return self
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """The loss at the running moments (this batch included), differentiable in x0 through the batch's moments."""
+        y = self._pool(x0.double())
+        first, second = y.mean(0), y.T @ y / len(y)
+        beta = 0.5 ** (len(y) / self.halflife) if self.halflife > 0 else 0.0
+        for key, batch in (('first', first.detach()), ('second', second.detach()), ('weight', 1.0)):
+            self.moments[key] = beta * self.moments[key] + (1 - beta) * batch
+        w = self.moments['weight']
+        first = self.moments['first'] / w + (first - first.detach())
+        second = self.moments['second'] / w + (second - second.detach())
+        cov = second - torch.outer(first, first)
+        loss = ((first - self.bank_mean).square().sum() / self.mean_scale
+                + (cov - self.bank_cov).square().sum() / self.cov_scale)
+        training_stats.report('Loss/critic_pixels', loss.detach())
+        return loss.float()
+
+
 class TeacherSampleCritic:
     """A discriminator `net(img, labels) -> logits [N, 1]` against a bank of teacher samples.
 
     `images`: [M, ...] teacher samples shaped like the generator's (any float dtype; used as float32), `labels`: their one-hot labels
     [M, label_dim] or None; the generator's labels must have the same width. Hyperparameters come from the
     engine's options: `adv_weight` (factor on the generator's loss), `adv_lr`, `adv_betas`, `adv_r1_gamma`,
-    `adv_r1_interval`.
+    `adv_r1_interval`, and `adv_pixel_weight`, `adv_pixel_res`, `adv_pixel_halflife_kimg` for `PixelMoments`.
     """
 
     def __init__(self, net: torch.nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], opts):
@@ -49,9 +104,13 @@ class TeacherSampleCritic:
         self.opt = misc.make_adam(self.params, lr=opts.adv_lr, betas=tuple(opts.adv_betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
         self.steps = 0
+        self.pixels = (PixelMoments(images.float(), opts.adv_pixel_res, opts.adv_pixel_halflife_kimg)
+                       if opts.adv_pixel_weight > 0 else None)
 
     def to(self, device: torch.device) -> 'TeacherSampleCritic':
         self.net.to(device)
+        if self.pixels is not None:
+            self.pixels.to(device)
         self.images = self.images.to(device)
         self.labels = None if self.labels is None else self.labels.to(device)
         return self
@@ -62,7 +121,9 @@ class TeacherSampleCritic:
         return self.net(img, labels).float().reshape(-1)
 
     def generator_loss(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per-sample `adv_weight * softplus(-D(x0))`, differentiable in x0; D's parameters get no gradient."""
+        """Per-sample `adv_weight * softplus(-D(x0))`, differentiable in x0; D's parameters get no gradient. With
+        `PixelMoments`, `adv_pixel_weight` times its loss is added to every sample's (the batch's sum then holds it
+        once per sample, as the per-sample terms are held, so the engine's mean over the batch weighs it once)."""
         for p in self.params:
             p.requires_grad_(False)
         try:
@@ -72,7 +133,10 @@ class TeacherSampleCritic:
                 p.requires_grad_(True)
         loss = F.softplus(-logits)
         training_stats.report('Loss/critic_G', loss)
-        return self.opts.adv_weight * loss
+        loss = self.opts.adv_weight * loss
+        if self.pixels is not None:
+            loss = loss + self.opts.adv_pixel_weight * self.pixels.loss(x0)
+        return loss
 
     def _bank_batch(self, n: int, generator: torch.Generator):
         idx = torch.randint(len(self.images), [n], generator=generator, device=generator.device).to(self.images.device)
@@ -106,11 +170,20 @@ class TeacherSampleCritic:
         self.steps += 1
 
     def state_dict(self) -> Dict:
-        return dict(critic=self.net.state_dict(), critic_opt=self.opt.state_dict(),
-                    critic_scaler=self.scaler.state_dict(), critic_steps=self.steps)
+        state = dict(critic=self.net.state_dict(), critic_opt=self.opt.state_dict(),
+                     critic_scaler=self.scaler.state_dict(), critic_steps=self.steps)
+        if self.pixels is not None:
+            state['critic_pixel_moments'] = dict(self.pixels.moments)
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
         self.net.load_state_dict(state['critic'])
         self.opt.load_state_dict(state['critic_opt'])
         self.scaler.load_state_dict(state['critic_scaler'])
         self.steps = int(state['critic_steps'])
+        if self.pixels is not None:
+            if 'critic_pixel_moments' not in state:
+                raise ValueError('training state: saved without the pixel-moment term (adv_pixel_weight=0), '
+                                 'cannot resume with it')
+            device = self.pixels.bank_mean.device
+            self.pixels.moments = {k: v.to(device) for k, v in state['critic_pixel_moments'].items()}

@@ -108,6 +108,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         ema_rampup_ratio=c.ema_rampup if c.ema_rampup > 0 else None, schedule=c.schedule, precision=c.precision,
         compile=bool(c.get('compile', False)),
         adv_weight=c.get('adv', 0.0), adv_lr=c.get('adv_lr', 2e-4), adv_r1_gamma=c.get('adv_r1', 0.01),
+        adv_pixel_weight=c.get('adv_pixels', 0.0), adv_pixel_res=c.get('adv_pixels_res', 8),
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ikl
 import refine
+from ikl.critic import PixelMoments
 from teachers import load as teachers_load
 from pipelines.critic import bank_cache_path, export_bank, shipped_bank_path, teacher_bank
 from stylegan2.pickles import load_network_pkl, save_network_pkl
@@ -153,7 +154,7 @@ def test_engine_with_critic_resumes_exactly(tmp_path):
 def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, files, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     args = ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'], '--adv', '0.5', '--adv-bank', '8',
-            '--seed', '3'] + REFINE_FAST
+            '--adv-pixels', '1', '--adv-pixels-res', '4', '--seed', '3'] + REFINE_FAST
     result = invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016'])
     assert result.exit_code == 0, result.output
     path = bank_cache_path(files['teacher8_cond'], 8, 18, 0)
@@ -165,7 +166,8 @@ def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, file
     run_a = only_run_dir(str(tmp_path / 'a'))
     before, after = load_network_pkl(files['g16_cond']), load_network_pkl(last_snapshot(run_a))
     assert any(not torch.equal(p, q) for p, q in zip(before['D'].parameters(), after['D'].parameters()))
-    assert 'Loss/critic_D' in open(os.path.join(run_a, 'stats.jsonl')).read()
+    stats = open(os.path.join(run_a, 'stats.jsonl')).read()
+    assert 'Loss/critic_D' in stats and 'Loss/critic_pixels' in stats
 
     # Stopped half-way and resumed: the same G, G_ema and D.
     assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'b'), '--kimg', '0.008']).exit_code == 0
@@ -221,3 +223,88 @@ def test_refine_adv_errors_are_one_line(tmp_path, files):
     save_network_pkl(no_d, G=tiny_G(), G_ema=tiny_G())
     result = invoke(refine.main, ['--network', no_d, '--teacher', files['teacher8'], '--adv', '1', '--outdir', str(tmp_path)] + REFINE_FAST)
     assert result.exit_code != 0 and 'holds no discriminator D' in result.output
+    result = invoke(refine.main, ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'], '--adv', '0',
+                                  '--adv-pixels', '1', '--outdir', str(tmp_path)] + REFINE_FAST)
+    assert result.exit_code != 0 and '--adv-pixels:' in result.output and 'needs --adv > 0' in result.output
+
+
+def _pixel_loss_closed_form(first, second, bank):
+    """The pixel-moment loss at moments (first, second) against `bank` ([M, D]), written out directly."""
+    bank_mean, bank_cov = bank.mean(0), torch.cov(bank.T, correction=0)
+    cov = second - torch.outer(first, first)
+    return ((first - bank_mean).square().sum() / bank_cov.trace()
+            + (cov - bank_cov).square().sum() / bank_cov.square().sum())
+
+
+def test_pixel_moments_of_one_batch_are_the_batch_mean_and_covariance():
+    """Half-life 0: the loss is the relative distance of the batch's own mean and (biased) covariance to the bank's,
+    and its gradient is that distance's, through torch.cov."""
+    torch.manual_seed(2)
+    bank = torch.randn(50, 1, 2, 2) * 0.5 + 0.2
+    term = PixelMoments(bank, res=2, halflife_kimg=0)
+    x0 = torch.randn(7, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    loss = term.loss(x0)
+    loss.backward()
+    x = x0.detach().clone().requires_grad_(True)
+    y, b = x.flatten(1), bank.double().flatten(1)
+    want = ((y.mean(0) - b.mean(0)).square().sum() / torch.cov(b.T, correction=0).trace()
+            + (torch.cov(y.T, correction=0) - torch.cov(b.T, correction=0)).square().sum()
+            / torch.cov(b.T, correction=0).square().sum())
+    want.backward()
+    assert torch.allclose(loss.double(), want, rtol=1e-6)
+    assert torch.allclose(x0.grad, x.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_pixel_moments_value_is_the_running_average_and_gradient_flows_through_the_batch():
+    """Three batches: the value is the loss at the bias-corrected exponential average of the batches' moments; the
+    gradient on the last batch's samples is that loss's gradient in the moments, times d(moments)/d(sample)."""
+    torch.manual_seed(3)
+    bank = torch.rand(40, 1, 2, 2)
+    term = PixelMoments(bank, res=2, halflife_kimg=0.004)  # beta = 0.5 ** (n / 4)
+    batches = [torch.randn(4, 1, 2, 2, dtype=torch.float64) * s for s in (0.3, 0.6, 0.9)]
+    firsts, seconds, weights = [], [], []
+    for i, x in enumerate(batches):
+        x = x.requires_grad_(i == 2)
+        loss = term.loss(x)
+        y = x.detach().flatten(1)
+        firsts.append(y.mean(0))
+        seconds.append(y.T @ y / len(y))
+    beta = 0.5 ** (4 / 4)
+    w = [(1 - beta) * beta ** (2 - i) for i in range(3)]
+    first = sum(wi * f for wi, f in zip(w, firsts)) / sum(w)
+    second = sum(wi * s for wi, s in zip(w, seconds)) / sum(w)
+    b = bank.double().flatten(1)
+    assert torch.allclose(loss.double(), _pixel_loss_closed_form(first, second, b), rtol=1e-6)
+    # d loss / d y_i = (dL/dfirst + 2 dL/dsecond y_i) / n, with dL/dfirst and dL/dsecond at the running moments.
+    first_v, second_v = first.clone().requires_grad_(True), second.clone().requires_grad_(True)
+    g_first, g_second = torch.autograd.grad(_pixel_loss_closed_form(first_v, second_v, b), [first_v, second_v])
+    y = batches[2].detach().flatten(1)
+    want = (g_first[None] + y @ (g_second + g_second.T)) / len(y)
+    loss.backward()
+    assert torch.allclose(batches[2].grad.flatten(1), want, rtol=1e-5, atol=1e-10)
+
+
+def test_pixel_moments_pull_a_narrow_generator_to_the_banks_spread():
+    """A 'generator' mu + s * eps whose images are too dark and too alike: descending the loss brings its mean and
+    spread to the bank's (0.3, 0.5 per pixel, independent pixels)."""
+    torch.manual_seed(4)
+    bank = 0.3 + 0.5 * torch.randn(4000, 1, 2, 2)
+    term = PixelMoments(bank, res=2, halflife_kimg=0.05)
+    mu, s = torch.zeros([], requires_grad=True), torch.full([], 0.1, requires_grad=True)
+    opt = torch.optim.Adam([mu, s], lr=0.01)
+    for _ in range(600):
+        opt.zero_grad()
+        term.loss(mu + s * torch.randn(32, 1, 2, 2)).backward()
+        opt.step()
+    assert abs(float(mu.detach()) - 0.3) < 0.05 and abs(float(s.detach()) - 0.5) < 0.05
+
+
+def test_pixel_moments_need_the_critic_and_its_state():
+    with pytest.raises(ValueError, match='needs the critic'):
+        ikl.TrainingOptions.from_dict(dict(adv_pixel_weight=1.0)).check(1)
+    critic = ikl.TeacherSampleCritic(LinearCritic(4), torch.rand(10, 1, 2, 2), None, _opts(adv_pixel_weight=1.0, adv_pixel_res=2))
+    plain = ikl.TeacherSampleCritic(LinearCritic(4), torch.rand(10, 1, 2, 2), None, _opts())
+    with pytest.raises(ValueError, match='without the pixel-moment term'):
+        critic.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match='no pixel variance'):
+        PixelMoments(torch.ones(5, 1, 2, 2), res=2, halflife_kimg=1)
