@@ -5,6 +5,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import ikl
 import refine
 from ikl.critic import PixelMoments
+from metrics.formulas import frechet_distance
 from teachers import load as teachers_load
 from pipelines.critic import bank_cache_path, export_bank, shipped_bank_path, teacher_bank
 from stylegan2.pickles import load_network_pkl, save_network_pkl
@@ -228,60 +230,71 @@ def test_refine_adv_errors_are_one_line(tmp_path, files):
     assert result.exit_code != 0 and '--adv-pixels:' in result.output and 'needs --adv > 0' in result.output
 
 
-def _pixel_loss_closed_form(first, second, bank):
-    """The pixel-moment loss at moments (first, second) against `bank` ([M, D]), written out directly."""
-    bank_mean, bank_cov = bank.mean(0), torch.cov(bank.T, correction=0)
-    cov = second - torch.outer(first, first)
-    return ((first - bank_mean).square().sum() / bank_cov.trace()
-            + (cov - bank_cov).square().sum() / bank_cov.square().sum())
+def _frechet(first, second, bank):
+    """The Frechet distance of moments (first, second) to `bank` ([M, D]), by metrics.formulas (scipy's sqrtm)."""
+    b = bank.numpy()
+    first, second = first.numpy(), second.numpy()
+    return frechet_distance(first, second - np.outer(first, first), b.mean(0), np.cov(b, rowvar=False, bias=True))
 
 
-def test_pixel_moments_of_one_batch_are_the_batch_mean_and_covariance():
-    """Half-life 0: the loss is the relative distance of the batch's own mean and (biased) covariance to the bank's,
-    and its gradient is that distance's, through torch.cov."""
+def test_pixel_moments_of_one_batch_are_the_frechet_distance_of_the_batch():
+    """Half-life 0: the loss is the Frechet distance of the batch's own mean and (biased) covariance to the bank's,
+    as metrics.formulas computes it, and its gradient is that distance's, by central differences."""
     torch.manual_seed(2)
     bank = torch.randn(50, 1, 2, 2) * 0.5 + 0.2
     term = PixelMoments(bank, res=2, halflife_kimg=0)
     x0 = torch.randn(7, 1, 2, 2, dtype=torch.float64, requires_grad=True)
     loss = term.loss(x0)
     loss.backward()
-    x = x0.detach().clone().requires_grad_(True)
-    y, b = x.flatten(1), bank.double().flatten(1)
-    want = ((y.mean(0) - b.mean(0)).square().sum() / torch.cov(b.T, correction=0).trace()
-            + (torch.cov(y.T, correction=0) - torch.cov(b.T, correction=0)).square().sum()
-            / torch.cov(b.T, correction=0).square().sum())
-    want.backward()
-    assert torch.allclose(loss.double(), want, rtol=1e-6)
-    assert torch.allclose(x0.grad, x.grad, rtol=1e-5, atol=1e-9)
+
+    def distance(x):
+        y = x.flatten(1)
+        return _frechet(y.mean(0), y.T @ y / len(y), bank.double().flatten(1))
+    assert abs(float(loss.detach()) - distance(x0.detach())) < 1e-5
+    eps, x = 1e-5, x0.detach().clone()
+    for index in [(0, 0, 0, 0), (3, 0, 1, 0), (6, 0, 1, 1)]:
+        up, down = x.clone(), x.clone()
+        up[index] += eps
+        down[index] -= eps
+        assert abs(float(x0.grad[index]) - (distance(up) - distance(down)) / (2 * eps)) < 1e-4
 
 
 def test_pixel_moments_value_is_the_running_average_and_gradient_flows_through_the_batch():
-    """Three batches: the value is the loss at the bias-corrected exponential average of the batches' moments; the
-    gradient on the last batch's samples is that loss's gradient in the moments, times d(moments)/d(sample)."""
+    """Three batches: the value is the distance at the bias-corrected exponential average of the batches' moments;
+    the gradient on the last batch's samples is that distance's gradient in the moments (central differences) times
+    d(moments)/d(sample)."""
     torch.manual_seed(3)
     bank = torch.rand(40, 1, 2, 2)
     term = PixelMoments(bank, res=2, halflife_kimg=0.004)  # beta = 0.5 ** (n / 4)
     batches = [torch.randn(4, 1, 2, 2, dtype=torch.float64) * s for s in (0.3, 0.6, 0.9)]
-    firsts, seconds, weights = [], [], []
+    firsts, seconds = [], []
     for i, x in enumerate(batches):
-        x = x.requires_grad_(i == 2)
-        loss = term.loss(x)
+        loss = term.loss(x.requires_grad_(i == 2))
         y = x.detach().flatten(1)
         firsts.append(y.mean(0))
         seconds.append(y.T @ y / len(y))
-    beta = 0.5 ** (4 / 4)
-    w = [(1 - beta) * beta ** (2 - i) for i in range(3)]
+    w = [0.5 * 0.5 ** (2 - i) for i in range(3)]
     first = sum(wi * f for wi, f in zip(w, firsts)) / sum(w)
     second = sum(wi * s for wi, s in zip(w, seconds)) / sum(w)
     b = bank.double().flatten(1)
-    assert torch.allclose(loss.double(), _pixel_loss_closed_form(first, second, b), rtol=1e-6)
-    # d loss / d y_i = (dL/dfirst + 2 dL/dsecond y_i) / n, with dL/dfirst and dL/dsecond at the running moments.
-    first_v, second_v = first.clone().requires_grad_(True), second.clone().requires_grad_(True)
-    g_first, g_second = torch.autograd.grad(_pixel_loss_closed_form(first_v, second_v, b), [first_v, second_v])
+    assert abs(float(loss.detach()) - _frechet(first, second, b)) < 1e-5
+    # d loss / d y_i = (dL/dfirst + 2 dL/dsecond y_i) / n, with dL/dfirst, dL/dsecond (symmetric) at the running moments.
+    eps, dim = 1e-6, len(first)
+    g_first = torch.zeros(dim, dtype=torch.float64)
+    g_second = torch.zeros(dim, dim, dtype=torch.float64)
+    for i in range(dim):
+        step = torch.zeros(dim, dtype=torch.float64)
+        step[i] = eps
+        g_first[i] = (_frechet(first + step, second, b) - _frechet(first - step, second, b)) / (2 * eps)
+        for j in range(dim):
+            sym = torch.zeros(dim, dim, dtype=torch.float64)
+            sym[i, j] += eps / 2
+            sym[j, i] += eps / 2
+            g_second[i, j] = (_frechet(first, second + sym, b) - _frechet(first, second - sym, b)) / (2 * eps)
     y = batches[2].detach().flatten(1)
-    want = (g_first[None] + y @ (g_second + g_second.T)) / len(y)
+    want = (g_first[None] + 2 * y @ g_second) / len(y)
     loss.backward()
-    assert torch.allclose(batches[2].grad.flatten(1), want, rtol=1e-5, atol=1e-10)
+    assert torch.allclose(batches[2].grad.flatten(1), want, atol=1e-5)
 
 
 def test_pixel_moments_pull_a_narrow_generator_to_the_banks_spread():
