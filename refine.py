@@ -94,11 +94,12 @@ def make_critic(c: dnnlib.EasyDict, original: dict, teacher: torch.nn.Module, la
 RECIPES = {
     # IKL with the data-free adversarial term at the pace of GAN training: the critic's term weighted 10x, the
     # critic at StyleGAN2's 2.5e-3 with R1 1 against 10k teacher samples, the generator at 2e-3 after a 2-kimg
-    # warm-up with StyleGAN2's Adam beta2 (0.99) and an EMA of half-life min(3, kimg/4). IKL alone stops at 5-10 % of
-    # the gap to the teacher; together the two terms close 39-55 % of it in 20 kimg on Fashion-MNIST and end at their
-    # best (docs/refinement-fmnist.md, docs/benchmarks.md).
+    # warm-up with StyleGAN2's Adam beta2 (0.99) and an EMA of half-life min(3, kimg/4), and a pull of the 8x8-pooled
+    # pixels' Frechet distance to the bank's at weight 5. IKL alone stops at 5-10 % of the gap to the teacher;
+    # together the terms close about half of it in 20 kimg on Fashion-MNIST, end at their best, and the pull keeps
+    # the pixel statistics where the GAN had them (docs/refinement-fmnist.md, docs/benchmarks.md).
     'ikl-gan': dict(glr=2e-3, warmup=2.0, g_beta2=0.99, ema=3.0, ema_rampup=0.25, lr=1e-4, fake_warmup=1.0, batch=32,
-                    adv=10.0, adv_lr=2.5e-3, adv_r1=1.0, adv_bank=10000),
+                    adv=10.0, adv_lr=2.5e-3, adv_r1=1.0, adv_bank=10000, adv_pixels=5.0),
     # The same two terms at IKL's pace: keeps its gain, but ends at only 0.90-0.95x of the start.
     'ikl-adv': dict(glr=1e-4, lr=1e-4, fake_warmup=1.0, batch=128, adv=1.0, adv_lr=5e-4),
     'official': dict(),  # The official code's settings: IKL alone at lr 1e-5, no warm-up.
@@ -106,10 +107,14 @@ RECIPES = {
 
 
 def apply_recipe(kwargs: dict, ctx: click.Context) -> None:
-    """Fill the options the user left at their defaults with the values of `--recipe`."""
+    """Fill the options the user left at their defaults with the values of `--recipe`. A recipe's `--adv-pixels`
+    pulls towards its critic's bank, so `--adv=0` given on the command line turns it off too."""
+    given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
     for name, value in RECIPES[kwargs['recipe']].items():
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+        if not given(name):
             kwargs[name] = value
+    if given('adv') and kwargs['adv'] == 0 and not given('adv_pixels'):
+        kwargs['adv_pixels'] = 0.0
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -181,7 +186,7 @@ Examples:
 @click.option('--recipe', type=click.Choice(list(RECIPES)), default='ikl-gan', show_default=True,
               help='Settings bundle; options given explicitly override it. ikl-gan: --glr=2e-3 --warmup=2 --g-beta2=0.99 '
                    '--ema=3 --ema-rampup=0.25 --lr=1e-4 --fake-warmup=1 --batch=32 --adv=10 --adv-lr=2.5e-3 --adv-r1=1 '
-                   '--adv-bank=10000; ikl-adv: --glr=1e-4 --lr=1e-4 --fake-warmup=1 --batch=128 --adv=1 --adv-lr=5e-4; '
+                   '--adv-bank=10000 --adv-pixels=5; ikl-adv: --glr=1e-4 --lr=1e-4 --fake-warmup=1 --batch=128 --adv=1 --adv-lr=5e-4; '
                    'official: the Diff-Instruct release (the defaults shown below)')
 @click.option('--adv', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the data-free adversarial term: the pickle's D trained on teacher samples (0: off)")

@@ -203,7 +203,7 @@ def refine_dry_run(files, *extra):
 def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     """--recipe's bundle applies to every option not given; an option given wins; `official` is the shown defaults."""
     keys = ('glr', 'warmup', 'g_beta2', 'ema', 'ema_rampup', 'lr', 'fake_warmup', 'batch', 'adv', 'adv_lr', 'adv_r1',
-            'adv_bank')
+            'adv_bank', 'adv_pixels')
     def resolved(*extra):
         config = refine_dry_run(files, *extra)
         return {k: config[k] for k in keys}, config['resolved']['ikl']
@@ -212,15 +212,17 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     assert engine['adv_weight'] == 10.0 and engine['g_lr'] == 2e-3 and engine['batch'] == 32
     assert engine['g_betas'] == [0.0, 0.99] and engine['lr_warmup_kimg'] == 2.0
     assert engine['ema_halflife_kimg'] == 3.0 and engine['ema_rampup_ratio'] == 0.25
-    assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0
+    assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0 and engine['adv_pixel_weight'] == 5.0
     slow, engine = resolved('--recipe', 'ikl-adv')
     shown = {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
     assert slow == dict(shown, **refine.RECIPES['ikl-adv']) and engine['adv_weight'] == 1.0 and engine['batch'] == 128
     official, engine = resolved('--recipe', 'official')
     assert official == shown
     assert engine['adv_weight'] == 0 and engine['g_lr'] == 1e-5 and engine['fake_warmup_kimg'] == 0
-    overridden, _ = resolved('--glr', '3e-4', '--adv', '0')
-    assert overridden == dict(default, glr=3e-4, adv=0.0)
+    overridden, _ = resolved('--glr', '3e-4', '--adv', '0')  # The recipe's pixel pull needs the critic: off with it.
+    assert overridden == dict(default, glr=3e-4, adv=0.0, adv_pixels=0.0)
+    overridden, _ = resolved('--adv-pixels', '2')
+    assert overridden == dict(default, adv_pixels=2.0)
 
 
 def test_refine_generator_adam_betas_reach_the_engine(files):
