@@ -136,7 +136,7 @@ def run(c: dnnlib.EasyDict, run_dir: Optional[str], resume: Optional[str], dry_r
     adapter = StyleGAN2Adapter(G, resolution=teacher.img_resolution, label_dim=label_dim, truncation_psi=c.trunc,
                                noise_mode=c.noise_mode, trainable=c.train,
                                train_noise_strength=c.get('train_noise_strength', True))
-    if c.adv_pixels > 0 and c.adv == 0:
+    if c.get('adv_pixels', 0.0) > 0 and c.adv == 0:  # get: run directories made before --adv-pixels resume too.
         raise SetupError('--adv-pixels: the pull is towards the critic\'s bank of teacher samples; it needs --adv > 0')
     opts = cli.training_options(c)
     c.resolved = dict(generator=dict(resolution=G.img_resolution, channels=G.img_channels, classes=G.c_dim,
