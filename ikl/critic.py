@@ -54,7 +54,7 @@ class PixelMoments:
         if float(bank_cov.trace()) <= 0:
             raise ValueError('critic: the teacher bank has no pixel variance to match (all images alike)')
         self.bank_trace = bank_cov.trace()
-        self.bank_root = _sym_power(bank_cov, 0.5)
+        self.bank_root, = _sym_powers(bank_cov, (0.5,))
         dim = len(self.bank_mean)
         self.moments = dict(first=torch.zeros(dim, dtype=torch.float64), second=torch.zeros(dim, dim, dtype=torch.float64),
                             weight=torch.zeros([], dtype=torch.float64))
@@ -70,10 +70,9 @@ class PixelMoments:
 
     def distance(self, mean: torch.Tensor, cov: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The Frechet distance of N(mean, cov) to the bank's Gaussian, and its gradient in cov."""
-        inner = self.bank_root @ cov @ self.bank_root
-        value = ((mean - self.bank_mean).square().sum() + cov.trace() + self.bank_trace
-                 - 2 * _sym_power(inner, 0.5).trace())
-        grad = torch.eye(len(cov), dtype=cov.dtype, device=cov.device) - self.bank_root @ _sym_power(inner, -0.5) @ self.bank_root
+        root, inverse_root = _sym_powers(self.bank_root @ cov @ self.bank_root, (0.5, -0.5))
+        value = (mean - self.bank_mean).square().sum() + cov.trace() + self.bank_trace - 2 * root.trace()
+        grad = torch.eye(len(cov), dtype=cov.dtype, device=cov.device) - self.bank_root @ inverse_root @ self.bank_root
         return value, grad
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
@@ -94,12 +93,12 @@ class PixelMoments:
         return (value + surrogate - surrogate.detach()).float()
 
 
-def _sym_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
-    """A symmetric positive semi-definite matrix to a power, its eigenvalues clamped at 1e-12 of the largest (so that
-    directions of no variance give finite inverse powers)."""
+def _sym_powers(matrix: torch.Tensor, powers: Tuple[float, ...]) -> Tuple[torch.Tensor, ...]:
+    """A symmetric positive semi-definite matrix to each of `powers`, from one eigendecomposition, its eigenvalues
+    clamped at 1e-12 of the largest (so that directions of no variance give finite inverse powers)."""
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    values = values.clamp_min(values.max().clamp_min(1e-30) * 1e-12) ** power
-    return (vectors * values) @ vectors.T
+    values = values.clamp_min(values.max().clamp_min(1e-30) * 1e-12)
+    return tuple((vectors * values ** power) @ vectors.T for power in powers)
 
 
 class TeacherSampleCritic:
