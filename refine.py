@@ -195,6 +195,8 @@ Examples:
 @click.option('--adv-pixels', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="--adv: weight of the pull of the generator's pooled-pixel mean and covariance towards the bank's (0: off)")
 @click.option('--adv-pixels-res', type=click.IntRange(min=1), default=8, show_default=True, help='--adv-pixels: pooled image size')
+@click.option('--adv-pixels-target', type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+              help="--adv-pixels: pull only while the distance is above this fraction of the GAN's own at the start (0: always)")
 @click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
               help='--adv: teacher samples in the bank (drawn once and cached per teacher file, or shipped beside it)')
 @cli.engine_options

@@ -18,7 +18,8 @@ distance falls. It pulls the mean and covariance of the generator's images, aver
 towards the bank's.
 """
 
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,17 @@ class PixelMoments:
     (d/dS = I - S_b^1/2 (S_b^1/2 S S_b^1/2)^-1/2 S_b^1/2), reaches the current batch through its moments: each
     sample moves as it would move the running moments, of which it is a part. With several processes each keeps
     its own running moments (the gradients are averaged as usual).
+
+    With `target` > 0 the pull acts only while the distance is above `target` times the generator's own at the
+    start of training (`measure_reference`): a generator whose pixels the other terms already bring that much closer
+    to the bank keeps all of their gain (a weak GAN), one they move away keeps its pixels (a good one).
     """
 
-    def __init__(self, bank: torch.Tensor, res: int, halflife_kimg: float):
+    def __init__(self, bank: torch.Tensor, res: int, halflife_kimg: float, target: float = 0.0):
         self.res = res
         self.halflife = halflife_kimg * 1000
+        self.target = target
+        self.reference = None  # With a target: the distance of the generator as given (`measure_reference`).
         pooled = self._pool(bank.double())
         self.bank_mean = pooled.mean(0)
         bank_cov = torch.cov(pooled.T, correction=0)
@@ -66,6 +73,7 @@ class PixelMoments:
         for name in ('bank_mean', 'bank_trace', 'bank_root'):
             setattr(self, name, getattr(self, name).to(device))
         self.moments = {k: v.to(device) for k, v in self.moments.items()}
+        self.reference = None if self.reference is None else self.reference.to(device)
         return self
 
     def distance(self, mean: torch.Tensor, cov: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,17 +88,44 @@ class PixelMoments:
         moments."""
         y = self._pool(x0.double())
         first, second = y.mean(0), y.T @ y / len(y)
-        beta = 0.5 ** (len(y) / self.halflife) if self.halflife > 0 else 0.0
-        for key, batch in (('first', first.detach()), ('second', second.detach()), ('weight', 1.0)):
-            self.moments[key] = beta * self.moments[key] + (1 - beta) * batch
-        w = self.moments['weight']
-        mean, cov_second = self.moments['first'] / w, self.moments['second'] / w
+        self._observe(self.moments, first.detach(), second.detach(), len(y))
+        mean, cov_second = self._running(self.moments)
         value, grad_cov = self.distance(mean, cov_second - torch.outer(mean, mean))
         first = mean + (first - first.detach())  # The running values, with the batch's gradient.
         cov = cov_second + (second - second.detach()) - torch.outer(first, first)
         surrogate = (first - self.bank_mean).square().sum() + (grad_cov * cov).sum()
         training_stats.report('Loss/critic_pixels', value)
+        if self.target > 0:  # A tensor, not a branch: no wait for the device.
+            pulling = (value > self.target * self.reference).to(value.dtype)
+            training_stats.report('Critic/pixels_pulling', pulling)
+            training_stats.report('Critic/pixels_threshold', self.target * self.reference)
+            surrogate = surrogate * pulling
         return (value + surrogate - surrogate.detach()).float()
+
+    def _observe(self, moments: Dict[str, torch.Tensor], first: torch.Tensor, second: torch.Tensor, n: int) -> None:
+        beta = 0.5 ** (n / self.halflife) if self.halflife > 0 else 0.0
+        for key, batch in (('first', first), ('second', second), ('weight', 1.0)):
+            moments[key] = beta * moments[key] + (1 - beta) * batch
+
+    @staticmethod
+    def _running(moments: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The bias-corrected running mean and second moment."""
+        return moments['first'] / moments['weight'], moments['second'] / moments['weight']
+
+    def reference_batches(self, batch: int) -> int:
+        """Batches for `measure_reference`: four half-lives, so that its estimate of the distance is as noisy (and
+        as biased upwards) as the running one's."""
+        return max(1, math.ceil(4 * self.halflife / batch))
+
+    @torch.no_grad()
+    def measure_reference(self, batches: Iterable[torch.Tensor]) -> None:
+        """The distance of the generator as given, by the running estimator over fresh batches of its samples."""
+        moments = {k: torch.zeros_like(v) for k, v in self.moments.items()}
+        for x in batches:
+            y = self._pool(x.double())
+            self._observe(moments, y.mean(0), y.T @ y / len(y), len(y))
+        mean, cov_second = self._running(moments)
+        self.reference, _ = self.distance(mean, cov_second - torch.outer(mean, mean))
 
 
 def _sym_powers(matrix: torch.Tensor, powers: Tuple[float, ...]) -> Tuple[torch.Tensor, ...]:
@@ -107,7 +142,8 @@ class TeacherSampleCritic:
     `images`: [M, ...] teacher samples shaped like the generator's (any float dtype; used as float32), `labels`: their one-hot labels
     [M, label_dim] or None; the generator's labels must have the same width. Hyperparameters come from the
     engine's options: `adv_weight` (factor on the generator's loss), `adv_lr`, `adv_betas`, `adv_r1_gamma`,
-    `adv_r1_interval`, and `adv_pixel_weight`, `adv_pixel_res`, `adv_pixel_halflife_kimg` for `PixelMoments`.
+    `adv_r1_interval`, and `adv_pixel_weight`, `adv_pixel_res`, `adv_pixel_halflife_kimg`, `adv_pixel_target` for
+    `PixelMoments`.
     """
 
     def __init__(self, net: torch.nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], opts):
@@ -125,7 +161,7 @@ class TeacherSampleCritic:
         self.opt = misc.make_adam(self.params, lr=opts.adv_lr, betas=tuple(opts.adv_betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
         self.steps = 0
-        self.pixels = (PixelMoments(images.float(), opts.adv_pixel_res, opts.adv_pixel_halflife_kimg)
+        self.pixels = (PixelMoments(images.float(), opts.adv_pixel_res, opts.adv_pixel_halflife_kimg, opts.adv_pixel_target)
                        if opts.adv_pixel_weight > 0 else None)
 
     def to(self, device: torch.device) -> 'TeacherSampleCritic':
@@ -158,6 +194,13 @@ class TeacherSampleCritic:
         if self.pixels is not None:
             loss = loss + self.opts.adv_pixel_weight * self.pixels.loss(x0)
         return loss
+
+    def prepare(self, trainer) -> None:
+        """Before each generator step: with a pixel target, measure the generator's pixel distance once, before it
+        first moves."""
+        if self.pixels is not None and self.pixels.target > 0 and self.pixels.reference is None:
+            count = self.pixels.reference_batches(trainer.batch_gpu)
+            self.pixels.measure_reference(trainer.fresh_samples(903, k)[0] for k in range(count))
 
     def _bank_batch(self, n: int, generator: torch.Generator):
         idx = torch.randint(len(self.images), [n], generator=generator, device=generator.device).to(self.images.device)
@@ -195,6 +238,8 @@ class TeacherSampleCritic:
                      critic_scaler=self.scaler.state_dict(), critic_steps=self.steps)
         if self.pixels is not None:
             state['critic_pixel_moments'] = dict(self.pixels.moments)
+            if self.pixels.reference is not None:
+                state['critic_pixel_reference'] = self.pixels.reference
         return state
 
     def load_state_dict(self, state: Dict) -> None:
@@ -208,3 +253,5 @@ class TeacherSampleCritic:
                                  'cannot resume with it')
             device = self.pixels.bank_mean.device
             self.pixels.moments = {k: v.to(device) for k, v in state['critic_pixel_moments'].items()}
+            reference = state.get('critic_pixel_reference')  # None: saved before the first generator step.
+            self.pixels.reference = None if reference is None else reference.to(device)

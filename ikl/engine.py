@@ -215,7 +215,7 @@ class Trainer:
             self.fake.apply(self)
         return samples
 
-    def _fresh_samples(self, purpose: int, r: int):
+    def fresh_samples(self, purpose: int, r: int):
         self.adapter.eval()
         with torch.no_grad(), autocast(self.adapter, self.device, self.amp):
             x, labels = self.adapter.sample(self.batch_gpu, self.rng(purpose, r))
@@ -229,7 +229,7 @@ class Trainer:
             if k == 0 and reused is not None:
                 self.fake.step(self, reused.__getitem__, k)
             else:
-                self.fake.step(self, lambda r, k=k: self._fresh_samples(1 + 2 * k, r), k)
+                self.fake.step(self, lambda r, k=k: self.fresh_samples(1 + 2 * k, r), k)
 
     @torch.no_grad()
     def _report_tracking(self) -> None:
@@ -243,7 +243,7 @@ class Trainer:
         if self.fake_score is not None:
             self.fake_score.eval()
             for r in range(self.rounds):
-                x, labels = self._fresh_samples(1000, r)  # Purposes far above the fake steps' 1 + 2k, 2 + 2k.
+                x, labels = self.fresh_samples(1000, r)  # Purposes far above the fake steps' 1 + 2k, 2 + 2k.
                 seed = self.seed(1001, r)
                 fake = edm_dsm_loss(self.fake_score, x, labels, self.tracking_sigma,
                                     torch.Generator(device=self.device).manual_seed(seed), o.sigma_data, self.amp)
@@ -275,10 +275,13 @@ class Trainer:
     def step(self) -> None:
         """One iteration: generator update, fake-score update(s), EMA (order per `schedule`). During the fake-score
         warm-up only the fake score trains, on no-grad samples; the iteration still counts its samples."""
-        if self.fake is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000:
+        warming_up = self.fake is not None and self.cur_nimg < self.opts.fake_warmup_kimg * 1000
+        if self.critic is not None and not warming_up:
+            self.critic.prepare(self)
+        if warming_up:
             self._fake_steps()
             if self.critic is not None:
-                self.critic.step(self, lambda r: self._fresh_samples(902, r))
+                self.critic.step(self, lambda r: self.fresh_samples(902, r))
         elif self.fake is not None and self.opts.schedule == 'official':
             self._fake_steps()
             samples = self._generator_step()

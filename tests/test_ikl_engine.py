@@ -278,7 +278,7 @@ def test_tracking_compares_fake_and_teacher_on_the_same_fresh_draws(tmp_path):
     assert collector.mean('Tracking/dsm_gap') == 0 and collector.mean('Tracking/dsm_fake') > 0
     assert collector.num('Tracking/g_update') == 0  # No previous tick to compare with yet.
     # An independent computation of the fake's loss on the same samples and draws.
-    x, labels = trainer._fresh_samples(1000, 0)
+    x, labels = trainer.fresh_samples(1000, 0)
     gen = torch.Generator().manual_seed(counter_seed(OPTS['seed'], 0, 1001, 0))
     expected = edm_dsm_loss(fake.eval(), x, labels, LogNormal(-1.2, 1.2), gen, sigma_data=1.0).mean().item()
     assert collector.mean('Tracking/dsm_fake') == pytest.approx(expected, rel=1e-5)
