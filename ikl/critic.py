@@ -45,16 +45,15 @@ class PixelMoments:
     sample moves as it would move the running moments, of which it is a part. With several processes each keeps
     its own running moments (the gradients are averaged as usual).
 
-    With `target` > 0 the pull acts only while the distance is above `target` times the generator's own at the
-    start of training (`measure_reference`): a generator whose pixels the other terms already bring that much closer
-    to the bank keeps all of their gain (a weak GAN), one they move away keeps its pixels (a good one).
+    Before the generator first moves, `start` fills the running moments with its samples, so that the first steps'
+    distance is not that of a few batches (biased upwards, and noisy in every direction), and keeps that distance
+    as `reference`. `TeacherSampleCritic` weighs the distance relative to it.
     """
 
-    def __init__(self, bank: torch.Tensor, res: int, halflife_kimg: float, target: float = 0.0):
+    def __init__(self, bank: torch.Tensor, res: int, halflife_kimg: float):
         self.res = res
         self.halflife = halflife_kimg * 1000
-        self.target = target
-        self.reference = None  # With a target: the distance of the generator as given (`measure_reference`).
+        self.reference = None  # The distance of the generator as given (`start`); None before it.
         pooled = self._pool(bank.double())
         self.bank_mean = pooled.mean(0)
         bank_cov = torch.cov(pooled.T, correction=0)
@@ -95,11 +94,6 @@ class PixelMoments:
         cov = cov_second + (second - second.detach()) - torch.outer(first, first)
         surrogate = (first - self.bank_mean).square().sum() + (grad_cov * cov).sum()
         training_stats.report('Loss/critic_pixels', value)
-        if self.target > 0:  # A tensor, not a branch: no wait for the device.
-            pulling = (value > self.target * self.reference).to(value.dtype)
-            training_stats.report('Critic/pixels_pulling', pulling)
-            training_stats.report('Critic/pixels_threshold', self.target * self.reference)
-            surrogate = surrogate * pulling
         return (value + surrogate - surrogate.detach()).float()
 
     def _observe(self, moments: Dict[str, torch.Tensor], first: torch.Tensor, second: torch.Tensor, n: int) -> None:
@@ -112,18 +106,18 @@ class PixelMoments:
         """The bias-corrected running mean and second moment."""
         return moments['first'] / moments['weight'], moments['second'] / moments['weight']
 
-    def reference_batches(self, batch: int) -> int:
-        """Batches for `measure_reference`: four half-lives, so that its estimate of the distance is as noisy (and
-        as biased upwards) as the running one's."""
+    def start_batches(self, batch: int) -> int:
+        """Batches for `start`: four half-lives, after which the running moments weigh their start by 1/16."""
         return max(1, math.ceil(4 * self.halflife / batch))
 
     @torch.no_grad()
-    def measure_reference(self, batches: Iterable[torch.Tensor]) -> None:
-        """The distance of the generator as given, by the running estimator over fresh batches of its samples."""
+    def start(self, batches: Iterable[torch.Tensor]) -> None:
+        """The running moments from fresh batches of the generator as given, and their distance as `reference`."""
         moments = {k: torch.zeros_like(v) for k, v in self.moments.items()}
         for x in batches:
             y = self._pool(x.double())
             self._observe(moments, y.mean(0), y.T @ y / len(y), len(y))
+        self.moments = moments
         mean, cov_second = self._running(moments)
         self.reference, _ = self.distance(mean, cov_second - torch.outer(mean, mean))
 
@@ -142,8 +136,7 @@ class TeacherSampleCritic:
     `images`: [M, ...] teacher samples shaped like the generator's (any float dtype; used as float32), `labels`: their one-hot labels
     [M, label_dim] or None; the generator's labels must have the same width. Hyperparameters come from the
     engine's options: `adv_weight` (factor on the generator's loss), `adv_lr`, `adv_betas`, `adv_r1_gamma`,
-    `adv_r1_interval`, and `adv_pixel_weight`, `adv_pixel_res`, `adv_pixel_halflife_kimg`, `adv_pixel_target` for
-    `PixelMoments`.
+    `adv_r1_interval`, and `adv_pixel_weight`, `adv_pixel_res`, `adv_pixel_halflife_kimg` for `PixelMoments`.
     """
 
     def __init__(self, net: torch.nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], opts):
@@ -161,7 +154,7 @@ class TeacherSampleCritic:
         self.opt = misc.make_adam(self.params, lr=opts.adv_lr, betas=tuple(opts.adv_betas), eps=opts.adam_eps)
         self.scaler = LossScaler(opts.precision == 'fp16', opts.loss_scale_init, opts.loss_scale_growth_interval)
         self.steps = 0
-        self.pixels = (PixelMoments(images.float(), opts.adv_pixel_res, opts.adv_pixel_halflife_kimg, opts.adv_pixel_target)
+        self.pixels = (PixelMoments(images.float(), opts.adv_pixel_res, opts.adv_pixel_halflife_kimg)
                        if opts.adv_pixel_weight > 0 else None)
 
     def to(self, device: torch.device) -> 'TeacherSampleCritic':
@@ -179,8 +172,12 @@ class TeacherSampleCritic:
 
     def generator_loss(self, x0: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-sample `adv_weight * softplus(-D(x0))`, differentiable in x0; D's parameters get no gradient. With
-        `PixelMoments`, `adv_pixel_weight` times its loss is added to every sample's (the batch's sum then holds it
-        once per sample, as the per-sample terms are held, so the engine's mean over the batch weighs it once)."""
+        `PixelMoments`, `adv_pixel_weight` times its distance relative to the generator's at the start is added to
+        every sample's (the batch's sum then holds it once per sample, as the per-sample terms are held, so the
+        engine's mean over the batch weighs it once). Relative, so that one weight serves a generator whose pixels
+        start far from the bank and one that starts close: the pull's gradient grows with the distance, and at a
+        fixed weight it held a weak GAN back (measured on Fashion-MNIST) where a good one needed it at full strength.
+        `prepare` must have started it."""
         for p in self.params:
             p.requires_grad_(False)
         try:
@@ -192,15 +189,16 @@ class TeacherSampleCritic:
         training_stats.report('Loss/critic_G', loss)
         loss = self.opts.adv_weight * loss
         if self.pixels is not None:
-            loss = loss + self.opts.adv_pixel_weight * self.pixels.loss(x0)
+            if self.pixels.reference is None:
+                raise RuntimeError('critic: the pixel term is not started; call prepare() before the first generator loss')
+            loss = loss + self.opts.adv_pixel_weight / self.pixels.reference * self.pixels.loss(x0)
         return loss
 
     def prepare(self, trainer) -> None:
-        """Before each generator step: with a pixel target, measure the generator's pixel distance once, before it
-        first moves."""
-        if self.pixels is not None and self.pixels.target > 0 and self.pixels.reference is None:
-            count = self.pixels.reference_batches(trainer.batch_gpu)
-            self.pixels.measure_reference(trainer.fresh_samples(903, k)[0] for k in range(count))
+        """Before each generator step: start the pixel term on the generator's samples before it first moves."""
+        if self.pixels is not None and self.pixels.reference is None:
+            count = self.pixels.start_batches(trainer.batch_gpu)
+            self.pixels.start(trainer.fresh_samples(903, k)[0] for k in range(count))
 
     def _bank_batch(self, n: int, generator: torch.Generator):
         idx = torch.randint(len(self.images), [n], generator=generator, device=generator.device).to(self.images.device)
@@ -238,8 +236,7 @@ class TeacherSampleCritic:
                      critic_scaler=self.scaler.state_dict(), critic_steps=self.steps)
         if self.pixels is not None:
             state['critic_pixel_moments'] = dict(self.pixels.moments)
-            if self.pixels.reference is not None:
-                state['critic_pixel_reference'] = self.pixels.reference
+            state['critic_pixel_reference'] = self.pixels.reference  # None: saved before the first generator step.
         return state
 
     def load_state_dict(self, state: Dict) -> None:
@@ -253,5 +250,5 @@ class TeacherSampleCritic:
                                  'cannot resume with it')
             device = self.pixels.bank_mean.device
             self.pixels.moments = {k: v.to(device) for k, v in state['critic_pixel_moments'].items()}
-            reference = state.get('critic_pixel_reference')  # None: saved before the first generator step.
+            reference = state.get('critic_pixel_reference')  # Missing in states of earlier versions: started anew.
             self.pixels.reference = None if reference is None else reference.to(device)

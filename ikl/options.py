@@ -52,8 +52,7 @@ class TrainingOptions:
     adv_r1_interval: int = 4        # Lazy R1: every N critic steps, with gain N.
     adv_pixel_weight: float = 0.0   # Factor on the pixel-moment loss against the same bank (ikl.critic.PixelMoments; 0: off)...
     adv_pixel_res: int = 8          # ...on images average-pooled to this size...
-    adv_pixel_halflife_kimg: float = 1.0  # ...with the generator's moments averaged over this half-life...
-    adv_pixel_target: float = 0.0   # ...pulling only while the distance is above this fraction of the start's (0: always).
+    adv_pixel_halflife_kimg: float = 1.0  # ...with the generator's moments averaged over this half-life.
     # Optimisers.
     g_lr: float = 1e-5
     fake_lr: float = 1e-5
@@ -118,10 +117,9 @@ class TrainingOptions:
                 raise ValueError(f'training options: {name}={getattr(self, name)!r}, expected one of {list(allowed)}')
         if self.adv_weight < 0 or self.adv_r1_gamma < 0 or self.adv_r1_interval < 1:
             raise ValueError('training options: adv_weight >= 0, adv_r1_gamma >= 0 and adv_r1_interval >= 1 are required')
-        if (self.adv_pixel_weight < 0 or self.adv_pixel_res < 1 or self.adv_pixel_halflife_kimg < 0
-                or self.adv_pixel_target < 0):
-            raise ValueError('training options: adv_pixel_weight >= 0, adv_pixel_res >= 1, adv_pixel_halflife_kimg >= 0 '
-                             'and adv_pixel_target >= 0 are required')
+        if self.adv_pixel_weight < 0 or self.adv_pixel_res < 1 or self.adv_pixel_halflife_kimg < 0:
+            raise ValueError('training options: adv_pixel_weight >= 0, adv_pixel_res >= 1 and adv_pixel_halflife_kimg >= 0 '
+                             'are required')
         if self.adv_pixel_weight > 0 and self.adv_weight == 0:
             raise ValueError('training options: adv_pixel_weight > 0 needs the critic\'s bank (adv_weight > 0)')
         if (self.fake_steps < 1 or self.total_kimg <= 0 or self.tick_kimg <= 0

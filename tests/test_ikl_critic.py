@@ -157,7 +157,7 @@ def test_engine_with_critic_resumes_exactly(tmp_path):
 def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, files, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     args = ['--network', files['g16_cond'], '--teacher', files['teacher8_cond'], '--adv', '0.5', '--adv-bank', '8',
-            '--adv-pixels', '1', '--adv-pixels-res', '4', '--adv-pixels-target', '0.5', '--seed', '3'] + REFINE_FAST
+            '--adv-pixels', '1', '--adv-pixels-res', '4', '--seed', '3'] + REFINE_FAST
     result = invoke(refine.main, args + ['--outdir', str(tmp_path / 'a'), '--kimg', '0.016'])
     assert result.exit_code == 0, result.output
     path = bank_cache_path(files['teacher8_cond'], 8, 18, 0)
@@ -170,7 +170,7 @@ def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, file
     before, after = load_network_pkl(files['g16_cond']), load_network_pkl(last_snapshot(run_a))
     assert any(not torch.equal(p, q) for p, q in zip(before['D'].parameters(), after['D'].parameters()))
     stats = open(os.path.join(run_a, 'stats.jsonl')).read()
-    assert 'Loss/critic_D' in stats and 'Loss/critic_pixels' in stats and 'Critic/pixels_pulling' in stats
+    assert 'Loss/critic_D' in stats and 'Loss/critic_pixels' in stats
 
     # Stopped half-way and resumed: the same G, G_ema and D.
     assert invoke(refine.main, args + ['--outdir', str(tmp_path / 'b'), '--kimg', '0.008']).exit_code == 0
@@ -185,7 +185,7 @@ def test_refine_adv_trains_the_pickles_D_on_a_cached_teacher_bank(tmp_path, file
     for key in ('G', 'G_ema', 'D'):
         for pa, pb in zip(after[key].parameters(), b[key].parameters()):
             assert torch.equal(pa, pb), key
-    # The pixel target's reference is the GAN's as given, measured once and carried across the resume.
+    # The pixel term's start is the GAN's as given, measured once and carried across the resume.
     state_a, state_b = (torch.load(sorted(glob.glob(os.path.join(r, 'training-state-*.pt')))[-1], weights_only=True)
                         for r in (run_a, run_b))
     assert torch.equal(state_a['critic_pixel_reference'], state_b['critic_pixel_reference'])
@@ -302,36 +302,37 @@ def test_pixel_moments_value_is_the_running_average_and_gradient_flows_through_t
     assert torch.allclose(batches[2].grad.flatten(1), want, atol=1e-5)
 
 
-def test_pixel_target_measures_the_start_and_lets_go_below_its_share_of_it():
-    """The reference is the distance at the running estimator's moments of the given batches (a bias-corrected
-    exponential average, computed here by hand); the pull's gradient is the untargeted term's while the distance
-    is above target x reference, and zero once it is below."""
+def test_pixel_term_starts_from_the_given_generator_and_weighs_its_distance_relative_to_that_start():
+    """`start` sets the running moments to the bias-corrected exponential average of the given batches and the
+    reference to their distance; the critic adds `adv_pixel_weight` x distance / reference to every sample's loss,
+    the distance taken after the batch joined the moments (all computed here by hand)."""
     torch.manual_seed(5)
     bank = torch.rand(40, 1, 2, 2)
     start = [torch.randn(4, 1, 2, 2, dtype=torch.float64) * s + 0.5 for s in (0.2, 0.4)]
-    term = PixelMoments(bank, res=2, halflife_kimg=0.004, target=0.5)  # beta = 0.5 per batch of 4
-    assert term.reference_batches(4) == 4 and term.reference_batches(3) == 6
-    term.measure_reference(start)
+    critic = ikl.TeacherSampleCritic(LinearCritic(4), bank, None,
+                                     _opts(adv_pixel_weight=2.0, adv_pixel_res=2, adv_pixel_halflife_kimg=0.004))
+    term = critic.pixels  # beta = 0.5 per batch of 4
+    x0 = torch.randn(4, 1, 2, 2) * 0.1 - 0.5
+    with pytest.raises(RuntimeError, match='not started'):
+        critic.generator_loss(x0, None)
+    assert term.start_batches(4) == 4 and term.start_batches(3) == 6
+    term.start(start)
     ys = [x.flatten(1) for x in start]
     first = (0.25 * ys[0].mean(0) + 0.5 * ys[1].mean(0)) / 0.75
     second = (0.25 * ys[0].T @ ys[0] / 4 + 0.5 * ys[1].T @ ys[1] / 4) / 0.75
-    assert abs(float(term.reference) - _frechet(first, second, bank.double().flatten(1))) < 1e-9
-    assert float(term.moments['weight']) == 0  # Measuring leaves the running moments alone.
+    b = bank.double().flatten(1)
+    reference = _frechet(first, second, b)
+    assert abs(float(term.reference) - reference) < 1e-9
+    mean, second_moment = term._running(term.moments)
+    assert torch.allclose(mean, first) and torch.allclose(second_moment, second)
 
-    def gradient(t, x):
-        x = x.clone().requires_grad_(True)
-        value = t.loss(x)
-        value.backward()
-        return float(value.detach()), x.grad
-
-    plain = PixelMoments(bank, res=2, halflife_kimg=0.004)
-    far = torch.randn(4, 1, 2, 2, dtype=torch.float64) * 0.05 - 1.0  # Much further from the bank than the start.
-    value, grad = gradient(term, far)
-    assert value > 0.5 * float(term.reference)
-    assert torch.allclose(grad, gradient(plain, far)[1]) and grad.abs().sum() > 0
-    term.reference = torch.tensor(4 * value, dtype=torch.float64)  # Now the same distance is below half the start.
-    _, grad = gradient(term, far)
-    assert torch.equal(grad, torch.zeros_like(grad))
+    loss = critic.generator_loss(x0, None)
+    y = x0.double().flatten(1)
+    first = (0.5 * 0.75 * first + 0.5 * y.mean(0)) / 0.875
+    second = (0.5 * 0.75 * second + 0.5 * y.T @ y / 4) / 0.875
+    pull = 2.0 * _frechet(first, second, b) / reference
+    adversarial = 0.5 * F.softplus(-critic.net(x0, None)).reshape(-1)
+    assert torch.allclose(loss.detach().double(), (adversarial + pull).detach().double(), atol=1e-5)
 
 
 def test_pixel_moments_pull_a_narrow_generator_to_the_banks_spread():

@@ -212,7 +212,7 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     assert engine['adv_weight'] == 10.0 and engine['g_lr'] == 2e-3 and engine['batch'] == 32
     assert engine['g_betas'] == [0.0, 0.99] and engine['lr_warmup_kimg'] == 2.0
     assert engine['ema_halflife_kimg'] == 3.0 and engine['ema_rampup_ratio'] == 0.25
-    assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0 and engine['adv_pixel_weight'] == 5.0
+    assert engine['adv_lr'] == 2.5e-3 and engine['adv_r1_gamma'] == 1.0 and engine['adv_pixel_weight'] == 1.0
     slow, engine = resolved('--recipe', 'ikl-adv')
     shown = {k: refine.main.params[[p.name for p in refine.main.params].index(k)].default for k in keys}
     assert slow == dict(shown, **refine.RECIPES['ikl-adv']) and engine['adv_weight'] == 1.0 and engine['batch'] == 128
