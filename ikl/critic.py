@@ -119,7 +119,8 @@ class PixelMoments:
             self._observe(moments, y.mean(0), y.T @ y / len(y), len(y))
         self.moments = moments
         mean, cov_second = self._running(moments)
-        self.reference, _ = self.distance(mean, cov_second - torch.outer(mean, mean))
+        value, _ = self.distance(mean, cov_second - torch.outer(mean, mean))
+        self.reference = value.clamp_min(1e-12)  # Divides the pull: finite even for a generator exactly at the bank.
 
 
 def _sym_powers(matrix: torch.Tensor, powers: Tuple[float, ...]) -> Tuple[torch.Tensor, ...]:
