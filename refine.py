@@ -95,9 +95,10 @@ RECIPES = {
     # IKL with the data-free adversarial term at the pace of GAN training: the critic's term weighted 10x, the
     # critic at StyleGAN2's 2.5e-3 with R1 1 against 10k teacher samples, the generator at 2e-3 after a 2-kimg
     # warm-up with StyleGAN2's Adam beta2 (0.99) and an EMA of half-life min(3, kimg/4), and a pull of the 8x8-pooled
-    # pixels' Frechet distance to the bank's, relative to the GAN's own at the start, at weight 1. IKL alone stops at 5-10 % of the gap to the teacher;
-    # together the terms close about half of it in 20 kimg on Fashion-MNIST, end at their best, and the pull keeps
-    # the pixel statistics where the GAN had them (docs/refinement-fmnist.md, docs/benchmarks.md).
+    # pixels' Frechet distance to the bank's, relative to the GAN's own at the start, at weight 1. IKL alone stops at
+    # 5-10 % of the gap to the teacher; together the terms close about half of it in 20 kimg on Fashion-MNIST, end at
+    # their best, and the pull keeps the pixel statistics where the GAN had them (docs/refinement-fmnist.md,
+    # docs/benchmarks.md).
     'ikl-gan': dict(glr=2e-3, warmup=2.0, g_beta2=0.99, ema=3.0, ema_rampup=0.25, lr=1e-4, fake_warmup=1.0, batch=32,
                     adv=10.0, adv_lr=2.5e-3, adv_r1=1.0, adv_bank=10000, adv_pixels=1.0),
     # The same two terms at IKL's pace: keeps its gain, but ends at only 0.90-0.95x of the start.

@@ -85,9 +85,8 @@ class PixelMoments:
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
         """The distance at the running moments (this batch included), differentiable in x0 through the batch's
         moments."""
-        y = self._pool(x0.double())
-        first, second = y.mean(0), y.T @ y / len(y)
-        self._observe(self.moments, first.detach(), second.detach(), len(y))
+        first, second = self._batch_moments(x0)
+        self._observe(self.moments, first.detach(), second.detach(), len(x0))
         mean, cov_second = self._running(self.moments)
         value, grad_cov = self.distance(mean, cov_second - torch.outer(mean, mean))
         first = mean + (first - first.detach())  # The running values, with the batch's gradient.
@@ -95,6 +94,10 @@ class PixelMoments:
         surrogate = (first - self.bank_mean).square().sum() + (grad_cov * cov).sum()
         training_stats.report('Loss/critic_pixels', value)
         return (value + surrogate - surrogate.detach()).float()
+
+    def _batch_moments(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = self._pool(x.double())
+        return y.mean(0), y.T @ y / len(y)
 
     def _observe(self, moments: Dict[str, torch.Tensor], first: torch.Tensor, second: torch.Tensor, n: int) -> None:
         beta = 0.5 ** (n / self.halflife) if self.halflife > 0 else 0.0
@@ -115,8 +118,7 @@ class PixelMoments:
         """The running moments from fresh batches of the generator as given, and their distance as `reference`."""
         moments = {k: torch.zeros_like(v) for k, v in self.moments.items()}
         for x in batches:
-            y = self._pool(x.double())
-            self._observe(moments, y.mean(0), y.T @ y / len(y), len(y))
+            self._observe(moments, *self._batch_moments(x), len(x))
         self.moments = moments
         mean, cov_second = self._running(moments)
         value, _ = self.distance(mean, cov_second - torch.outer(mean, mean))
