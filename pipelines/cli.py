@@ -109,6 +109,7 @@ def training_options(c: dnnlib.EasyDict) -> TrainingOptions:
         compile=bool(c.get('compile', False)),
         adv_weight=c.get('adv', 0.0), adv_lr=c.get('adv_lr', 2e-4), adv_r1_gamma=c.get('adv_r1', 0.01),
         adv_pixel_weight=c.get('adv_pixels', 0.0), adv_pixel_res=c.get('adv_pixels_res', 8),
+        adv_pixel_halflife_kimg=c.get('adv_pixels_halflife', 1.0),
         seed=c.seed, tick_kimg=c.tick, snapshot_ticks=c.snap, image_ticks=c.snap, grid_size=c.grid,
         progress=not c.no_progress))
 

@@ -223,6 +223,8 @@ def test_refine_recipe_fills_the_options_left_at_their_defaults(files):
     assert overridden == dict(default, glr=3e-4, adv=0.0, adv_pixels=0.0)
     overridden, _ = resolved('--adv-pixels', '2')
     assert overridden == dict(default, adv_pixels=2.0)
+    halflife = lambda *extra: resolved(*extra)[1]['adv_pixel_halflife_kimg']
+    assert halflife() == 1.0 and halflife('--adv-pixels-halflife', '0.25') == 0.25
 
 
 def test_refine_generator_adam_betas_reach_the_engine(files):
