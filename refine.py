@@ -198,8 +198,8 @@ Examples:
                    "on their distance relative to the GAN's own at the start (0: off)")
 @click.option('--adv-pixels-res', type=click.IntRange(min=1), default=8, show_default=True, help='--adv-pixels: pooled image size')
 @click.option('--adv-pixels-halflife', type=FiniteFloatRange(min=0), default=1.0, show_default=True,
-              help="--adv-pixels: half-life in kimg of the generator's running pixel moments (shorter: they follow a "
-                   "fast generator more closely, and the pull overshoots less)")
+              help="--adv-pixels: half-life in kimg of the generator's running pixel moments (shorter: closer to a "
+                   "fast generator, from fewer samples)")
 @click.option('--adv-bank', type=click.IntRange(min=4), default=5000, show_default=True,
               help='--adv: teacher samples in the bank (drawn once and cached per teacher file, or shipped beside it)')
 @cli.engine_options
